@@ -1,0 +1,3 @@
+from project.models.classifier import ImageClassifier
+
+__all__ = ["ImageClassifier"]

@@ -1,0 +1,30 @@
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from project.models.nets.init import init_weights
+
+
+class MLP(nn.Module):
+    """Flatten, then hidden ReLU layers with dropout: the classic MNIST baseline."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        input_shape: Sequence[int] = (1, 28, 28),
+        hidden: Sequence[int] = (256, 128),
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = c * h * w
+        for units in hidden:
+            layers += [nn.Linear(width, units), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = units
+        layers.append(nn.Linear(width, num_classes))
+        self.layers = nn.Sequential(*layers)
+        init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)

@@ -1,0 +1,107 @@
+"""Writers for the exact on-disk formats torchvision reads: raw IDX (MNIST family) and CIFAR python pickles.
+
+Images are learnable on purpose: class k shows a bright block at a class-specific place, plus noise.
+"""
+
+import gzip
+import hashlib
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+IDX_NAMES = {
+    (True, "images"): "train-images-idx3-ubyte",
+    (True, "labels"): "train-labels-idx1-ubyte",
+    (False, "images"): "t10k-images-idx3-ubyte",
+    (False, "labels"): "t10k-labels-idx1-ubyte",
+}
+
+
+def make_images(n: int, num_classes: int, shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, H, W, C) and int labels; class k lights a 6x6 block on a grid of positions."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, h, w, c), dtype=np.uint8)
+    cols = max(1, (w - 6) // 6)
+    for i, k in enumerate(labels):
+        slot = k % (cols * cols)
+        top, left = (slot // cols) * 6 % (h - 6), (slot % cols) * 6
+        block = 255 if k < cols * cols else 180
+        images[i, top : top + 6, left : left + 6, k % c] = block
+    return images, labels
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
+    """IDX file: magic (0, 0, 0x08 = ubyte, ndim), big-endian int32 dims, raw bytes."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def write_mnist_family(
+    folder: Path, n_train: int = 600, n_test: int = 200, compress: bool = False, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """The four IDX files in ``folder`` (torchvision wants ``<root>/<ClassName>/raw``)."""
+    arrays = {}
+    for train, n in ((True, n_train), (False, n_test)):
+        images, labels = make_images(n, 10, (1, 28, 28), seed + int(train))
+        write_idx(folder / IDX_NAMES[(train, "images")], images[..., 0], compress)
+        write_idx(folder / IDX_NAMES[(train, "labels")], labels, compress)
+        arrays["train" if train else "test"] = images[..., 0]
+        arrays["train_labels" if train else "test_labels"] = labels
+    return arrays
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar(root: Path, num_classes: int, n_train: int = 500, n_test: int = 100, seed: int = 0) -> dict:
+    """CIFAR-10 (5 data batches + test_batch + batches.meta) or CIFAR-100 (train, test, meta) pickles.
+
+    Returns the file list with MD5s in torchvision's ``train_list``/``test_list``/``meta`` form, for patching.
+    """
+    cifar100 = num_classes == 100
+    folder = root / ("cifar-100-python" if cifar100 else "cifar-10-batches-py")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "fine_labels" if cifar100 else "labels"
+
+    def dump(name: str, images: np.ndarray, labels: np.ndarray) -> None:
+        data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # row-major R, G, B planes
+        entry = {
+            "batch_label": name,
+            label_key: labels.tolist(),
+            "data": data,
+            "filenames": [f"{i}.png" for i in range(len(labels))],
+        }
+        if cifar100:
+            entry["coarse_labels"] = (labels // 5).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+
+    images, labels = make_images(n_train, num_classes, (3, 32, 32), seed)
+    train_names = ["train"] if cifar100 else [f"data_batch_{i}" for i in range(1, 6)]
+    for name, part in zip(train_names, np.array_split(np.arange(n_train), len(train_names)), strict=True):
+        dump(name, images[part], labels[part])
+    test_images, test_labels = make_images(n_test, num_classes, (3, 32, 32), seed + 1)
+    dump("test" if cifar100 else "test_batch", test_images, test_labels)
+
+    meta_name, meta_key = ("meta", "fine_label_names") if cifar100 else ("batches.meta", "label_names")
+    with open(folder / meta_name, "wb") as f:
+        pickle.dump({meta_key: [f"class_{i}" for i in range(num_classes)]}, f)
+    return {
+        "train_list": [[n, md5(folder / n)] for n in train_names],
+        "test_list": [[n2, md5(folder / n2)] for n2 in ["test" if cifar100 else "test_batch"]],
+        "meta": {"filename": meta_name, "key": meta_key, "md5": md5(folder / meta_name)},
+        "train": (images, labels),
+        "test": (test_images, test_labels),
+    }

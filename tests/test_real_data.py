@@ -1,0 +1,29 @@
+"""Real Fashion-MNIST from Debian's dataset-fashion-mnist package (CI installs it, so this never skips there)."""
+
+import os
+
+import pytest
+
+from project.cli import cli_main
+from tests.conftest import CONFIGS, FASHION_MNIST_DEBIAN
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def debian_fashion_mnist() -> None:
+    if not (FASHION_MNIST_DEBIAN / "train-images-idx3-ubyte.gz").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install dataset-fashion-mnist ({FASHION_MNIST_DEBIAN} is missing)")
+        pytest.skip("apt-get install dataset-fashion-mnist to run the real-data test")
+
+
+def test_fashion_mnist_one_epoch_reaches_85_percent(debian_fashion_mnist, tmp_path):
+    cli = cli_main([
+        "fit", f"--config={CONFIGS / 'fashion_mnist.yaml'}", f"--data.init_args.data_dir={tmp_path / 'data'}",
+        "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--test_after_fit=true",
+    ])  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    assert len(cli.datamodule.datasets["test"]) == 10_000
+    assert len(cli.datamodule.datasets["train"]) + len(cli.datamodule.datasets["val"]) == 60_000
+    assert float(metrics["test/acc"]) >= 0.85, f"test accuracy {float(metrics['test/acc']):.4f}"
