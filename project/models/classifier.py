@@ -75,6 +75,11 @@ class ImageClassifier(LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
+    @property
+    def backbone(self) -> nn.Module | None:
+        """The net's ``backbone`` when it has one: what Lightning's ``BackboneFinetuning`` freezes and unfreezes."""
+        return getattr(self.net, "backbone", None)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
