@@ -1,5 +1,6 @@
 """Compression: pruning reaches its sparsity, a student learns from the teacher's logits, int8 quantization."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,19 @@ def test_distillation_loss_gradient_reaches_only_the_student():
     loss = distillation_loss(student_logits, teacher_logits.detach(), temperature=3.0)
     loss.backward()
     assert student_logits.grad.abs().sum() > 0 and teacher_logits.grad is None
+
+
+def test_int8_quantization_keeps_accuracy(teacher, tmp_path, capsys):
+    """The teacher (a conv net) quantized to int8: integer ops inside, smaller file, accuracy within 3 points."""
+    from project.compress import main
+
+    run_config = teacher.parents[1] / "config.yaml"
+    out = tmp_path / "int8"
+    main(["--run_config", str(run_config), "--ckpt_path", str(teacher), "--output_dir", str(out)])
+    report = json.loads((out / "quantization.json").read_text())
+    assert {"ConvInteger", "MatMulInteger"} <= set(report["int8"]["int8_ops"])
+    assert report["int8"]["bytes"] < 0.7 * report["fp32"]["bytes"]  # a tiny net: graph overhead weighs in
+    assert report["fp32"]["accuracy"] > 0.5 and report["accuracy_drop"] <= 0.03
+    assert "accuracy drop" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # never overwrites an earlier report
+        main(["--run_config", str(run_config), "--ckpt_path", str(teacher), "--output_dir", str(out)])
