@@ -180,3 +180,30 @@ def test_weighted_sampler_balances_classes(tmp_path):
     loader = dm.train_dataloader()
     labels = torch.cat([y for _epoch in range(30) for _, y in loader])
     assert abs(labels.float().mean().item() - 0.5) < 0.05  # 6/36 = 0.17 without the sampler
+
+
+TINY_NET = """
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes: int = 10, input_shape=(3, 32, 32), width: int = 4):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(input_shape[0], width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                    nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.layers(x)
+"""
+
+
+def test_make_it_yours_a_new_net_in_one_file_and_one_yaml(image_root, tmp_path, monkeypatch):
+    (tmp_path / "my_nets.py").write_text(TINY_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tiny = "class_path: project.models.ImageClassifier\ninit_args:\n  net:\n    class_path: my_nets.TinyNet\n"
+    (tmp_path / "tiny.yaml").write_text(tiny + "    init_args:\n      width: 6\n")
+    config = tmp_path / "my_data.yaml"
+    config.write_text(MY_YAML.format(root=image_root))
+    cli = cli_main(["fit", f"--config={config}", f"--model={tmp_path / 'tiny.yaml'}", "--trainer.fast_dev_run=2"])
+    assert type(cli.model.net).__name__ == "TinyNet" and cli.model.net.layers[0].out_channels == 6
+    assert cli.model(torch.zeros(2, 3, 24, 24)).shape == (2, 3)  # num_classes and channels linked from the folder
