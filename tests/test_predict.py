@@ -2,14 +2,18 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
 from project.callbacks.prediction_writer import PredictionWriter, merge_rows
 from project.cli import cli_main
-from tests.conftest import CONFIGS, fast_args
+from tests.conftest import CONFIGS, ROOT, fast_args
 
 
 def test_predict_writes_csv_and_jsonl_with_indices(mnist_root):
@@ -55,3 +59,17 @@ def test_merge_keeps_each_sample_once_under_distributed_padding(tmp_path):
     (path,) = writer.write(rows, tmp_path)
     with open(path) as f:
         assert [r["id"] for r in csv.DictReader(f)] == [f"img{i}.png" for i in range(n)]
+
+
+@pytest.mark.slow  # three processes start (about 20 s on 2 cores)
+def test_ddp_predict_writes_each_sample_once(mnist_root, tmp_path):
+    """3 CPU processes (gloo) on 200 samples: the sampler pads one repeat; the file still has each sample once."""
+    fit = cli_main(["fit", f"--config={CONFIGS / 'mnist.yaml'}", *fast_args(mnist_root), "--trainer.max_epochs=1",
+                    "--model.init_args.net.init_args.hidden=[16]", "--test_after_fit=false"])  # fmt: skip
+    command = [sys.executable, "-m", "project", "predict", f"--config={Path(fit.trainer.log_dir) / 'config.yaml'}",
+               f"--ckpt_path={fit.trainer.checkpoint_callback.last_model_path}", "--trainer.strategy=ddp",
+               "--trainer.devices=3", "--trainer.accelerator=cpu", "--data.init_args.eval_batch_size=64"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    with open(tmp_path / "runs" / "mnist" / "version_1" / "predictions.csv") as f:
+        assert [int(r["id"]) for r in csv.DictReader(f)] == list(range(200))

@@ -110,8 +110,9 @@ class PredictionWriter(BasePredictionWriter):
             per_rank = [None] * trainer.world_size
             torch.distributed.all_gather_object(per_rank, self.rows)
         self.rows = []
+        folder = Path(self.output_dir or trainer.log_dir or ".")  # log_dir is a collective call: on every rank
         if trainer.is_global_zero:
-            self.written = self.write(merge_rows(per_rank), Path(self.output_dir or trainer.log_dir or "."))
+            self.written = self.write(merge_rows(per_rank), folder)
 
     def write(self, rows: list[Row], folder: Path) -> list[Path]:
         written = []
