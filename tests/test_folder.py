@@ -93,6 +93,15 @@ def test_make_it_yours_one_yaml_trains_and_predicts(image_root, tmp_path):
     assert sum(r["pred"] == r["target"] for r in rows) / len(rows) >= 0.75
     assert all(r["pred"] == r["top1_class"] and 1 / 3 <= float(r["prob"]) <= 1 for r in rows)
 
+    # unlabelled images: any folder
+    unlabelled = write_image_folder(tmp_path / "new", {"stripes": 4}, seed=7) / "stripes"
+    again = cli_main(["predict", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={best}",
+                      f"--data.init_args.predict_dir={unlabelled}"])  # fmt: skip
+    with open(Path(again.trainer.log_dir) / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["id"] for r in rows) == sorted(str(p) for p in unlabelled.iterdir())
+    assert all(r["target"] == "" for r in rows) and sum(r["pred"] == "stripes" for r in rows) >= 3
+
 
 def test_stratified_seeded_split(image_root):
     dm = ImageFolderDataModule(image_root, val_split=0.25, test_split=0.1, seed=3)
@@ -207,3 +216,17 @@ def test_make_it_yours_a_new_net_in_one_file_and_one_yaml(image_root, tmp_path, 
     cli = cli_main(["fit", f"--config={config}", f"--model={tmp_path / 'tiny.yaml'}", "--trainer.fast_dev_run=2"])
     assert type(cli.model.net).__name__ == "TinyNet" and cli.model.net.layers[0].out_channels == 6
     assert cli.model(torch.zeros(2, 3, 24, 24)).shape == (2, 3)  # num_classes and channels linked from the folder
+
+
+def test_class_weighted_loss(tmp_path):
+    from project.models import ImageClassifier
+    from project.models.nets import MLP
+
+    net = MLP(num_classes=2, input_shape=(1, 2, 2), hidden=[4])
+    model = ImageClassifier(net, num_classes=2, class_weights=[1.0, 3.0])
+    logits, y = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 1])
+    expected = torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(model.criterion(logits, y), expected)
+    assert not torch.allclose(expected, torch.nn.functional.cross_entropy(logits, y))
+    with pytest.raises(UserError, match="class_weights needs 2 values"):
+        ImageClassifier(net, num_classes=2, class_weights=[1.0])
