@@ -163,6 +163,17 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
     kept = dm.split_samples["train"] + dm.split_samples["val"]
     assert len(kept) == 9 and str(bad) not in {p for p, _ in kept}
 
+    # a cut-off JPEG passes the cheap check at setup; reading it names the file
+    jpeg = root / "a" / "cut.jpg"
+    draw("red", np.random.default_rng(0), 64).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:-400])  # header intact, image data cut
+    dm = ImageFolderDataModule(root, val_split=0.2, test_split=0.0, mean=[0.5] * 3, std=[0.5] * 3, on_corrupt="skip")
+    dm.setup("fit")
+    dataset = next(dm.datasets[s] for s in ("train", "val") if str(jpeg) in {p for p, _ in dm.datasets[s].samples})
+    index = [p for p, _ in dataset.samples].index(str(jpeg))
+    with pytest.raises(UserError, match=r"cannot read image .*cut\.jpg"):
+        dataset[index]
+
 
 def test_empty_root_and_empty_class_are_clear_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()

@@ -37,8 +37,11 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert(self.mode).resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode).resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+        except Exception as err:  # damage that the cheap check at setup does not see (e.g. a cut-off JPEG)
+            raise UserError(f"cannot read image {path} ({type(err).__name__}: {err})") from err
         return (self.transform(image) if self.transform else image), label
 
 
@@ -47,12 +50,11 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def unreadable(path: str) -> str | None:
-    """Why ``path`` cannot be used as an image, or None when it can."""
+    """Why ``path`` cannot be used as an image, or None when it can (PIL's ``verify``: header and, for PNG,
+    checksums, without decoding, so that it stays cheap for large folders)."""
     try:
         with Image.open(path) as image:
             image.verify()
-        with Image.open(path) as image:
-            image.load()
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
         return f"{type(err).__name__}: {err}"
     return None
