@@ -8,6 +8,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from project.callbacks.prediction_writer import PredictionWriter
 from project.data.base import ImageDataModule
 from project.errors import UserError
 from project.models.classifier import ImageClassifier
@@ -31,6 +32,7 @@ class CLI(LightningCLI):
             "--test_after_fit", type=bool, default=False, help="fit only: then test the best checkpoint on the test set"
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")  # predict: predictions.csv
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -75,8 +77,14 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
             args=args,
             run=run,
         )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, ValueError) as err:
+        # jsonargparse wraps errors raised while building a class_path object (e.g. a data module) in a ValueError
+        cause = err
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

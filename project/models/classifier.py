@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from project.errors import UserError
+
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
@@ -31,6 +33,7 @@ class ImageClassifier(LightningModule):
         scheduler: any ``torch.optim.lr_scheduler`` class with its init args, or None.
         scheduler_interval: step the scheduler every ``epoch`` or every ``step`` (optimizer step).
         label_smoothing: cross-entropy label smoothing.
+        class_weights: per-class weights of the cross-entropy (e.g. inverse class frequencies for imbalanced data).
         channels_last: run convolutions in NHWC memory layout (faster on CPUs and tensor-core GPUs).
     """
 
@@ -44,6 +47,7 @@ class ImageClassifier(LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -58,7 +62,10 @@ class ImageClassifier(LightningModule):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise UserError(f"class_weights needs {num_classes} values (one per class), got {len(class_weights)}")
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
         metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -74,6 +81,11 @@ class ImageClassifier(LightningModule):
         # Mean loss over samples (not over per-process batch means), so it is exact under DDP too.
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        """The net's ``backbone`` when it has one: what Lightning's ``BackboneFinetuning`` freezes and unfreezes."""
+        return getattr(self.net, "backbone", None)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.ndim == 4:
