@@ -32,6 +32,8 @@ class ImageClassifier(LightningModule):
         scheduler_interval: step the scheduler every ``epoch`` or every ``step`` (optimizer step).
         label_smoothing: cross-entropy label smoothing.
         channels_last: run convolutions in NHWC memory layout (faster on CPUs and tensor-core GPUs).
+        compile: ``torch.compile`` the net (``true``, or a dict of ``torch.compile`` arguments); off by default.
+        tta_flip: at validation and test, average the logits of the images and of their horizontal mirror images.
     """
 
     def __init__(
@@ -44,6 +46,8 @@ class ImageClassifier(LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -59,6 +63,11 @@ class ImageClassifier(LightningModule):
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.tta_flip = tta_flip
+        if compile:
+            from project.models.speed import compile_net
+
+            compile_net(self.net, {} if compile is True else compile)
 
         metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -82,7 +91,7 @@ class ImageClassifier(LightningModule):
 
     def _shared_step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch[0], batch[1]
-        logits = self(x)
+        logits = (self(x) + self(x.flip(-1))) / 2 if self.tta_flip and not self.training else self(x)
         return self.criterion(logits.float(), y), logits, y
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
