@@ -64,10 +64,7 @@ class ImageClassifier(LightningModule):
         self.scheduler_interval = scheduler_interval
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.tta_flip = tta_flip
-        if compile:
-            from project.models.speed import compile_net
-
-            compile_net(self.net, {} if compile is True else compile)
+        self.compile_options = ({} if compile is True else compile) or None
 
         metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -83,6 +80,12 @@ class ImageClassifier(LightningModule):
         # Mean loss over samples (not over per-process batch means), so it is exact under DDP too.
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        if self.compile_options is not None and self.net._compiled_call_impl is None:
+            from project.models.speed import compile_net
+
+            compile_net(self.net, self.compile_options)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.ndim == 4:
