@@ -45,7 +45,8 @@ def cli_args(steps: int) -> list[str]:
     return [
         "-m", "project", "fit", "--config", "configs/fashion_mnist.yaml", "--data.init_args.loader=tensor",
         f"--data.init_args.batch_size={BATCH}", "--model.init_args.scheduler=null", f"--trainer.max_steps={steps}",
-        "--trainer.limit_val_batches=0", "--trainer.logger=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false",
+        "--trainer.limit_val_batches=0", "--trainer.logger=false",
+        "--checkpoint.save_top_k=0", "--checkpoint.save_last=false",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false",
     ]  # fmt: skip
 
@@ -77,7 +78,8 @@ training-loop ratio), interleaved, {args.repeats} runs each, medians. {where}
 | CLI `fit` | {median([w for w, _ in a]):.1f} |
 | plain loop | {median([w for w, _ in b]):.1f} |
 
-**Throughput ratio (plain time / CLI time) {wall_ratio:.2f}** (goal >= 0.97: {"met" if wall_ratio >= 0.97 else "not met"}).
+**Throughput ratio (plain time / CLI time) {wall_ratio:.2f}**
+(goal >= 0.97: {"met" if wall_ratio >= 0.97 else "not met"}).
 Reproduce: `python bench/overhead.py`.
 """,
     )
@@ -91,7 +93,8 @@ Peak RSS (`/usr/bin/time -v`) of the same two processes as in Overhead. {where}
 | CLI `fit` | {median([r for _, r in a]) / 1024:.0f} |
 | plain loop | {median([r for _, r in b]) / 1024:.0f} |
 
-**Ratio {rss_ratio:.2f}x** (goal <= 1.5x: {"met" if rss_ratio <= 1.5 else "not met"}). Reproduce: `python bench/overhead.py`.
+**Ratio {rss_ratio:.2f}x** (goal <= 1.5x: {"met" if rss_ratio <= 1.5 else "not met"}).
+Reproduce: `python bench/overhead.py`.
 """,
     )
 
