@@ -64,7 +64,7 @@ class ImageClassifier(LightningModule):
         self.scheduler_interval = scheduler_interval
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.tta_flip = tta_flip
-        self.compile_options = ({} if compile is True else compile) or None
+        self.compile_options = ({} if compile is True else compile) if compile else None
 
         metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
