@@ -42,11 +42,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def timed_command(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+def timed_command(cmd: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[float, int]:
     """Wall seconds and peak RSS (KiB, from /usr/bin/time -v) of a command."""
     start = time.perf_counter()
     out = subprocess.run(
-        ["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}
+        ["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}
     )
     wall = time.perf_counter() - start
     if out.returncode != 0:

@@ -7,7 +7,9 @@ batch size, optimizer, steps) on Fashion-MNIST, each in its own process, interle
 
 import argparse
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from common import PYTHON, ROOT, interleave, machine, median, timed_command, write_section
 
@@ -43,7 +45,8 @@ def plain(steps: int) -> None:
 
 def cli_args(steps: int) -> list[str]:
     return [
-        "-m", "project", "fit", "--config", "configs/fashion_mnist.yaml", "--data.init_args.loader=tensor",
+        "-m", "project", "fit", "--config", str(ROOT / "configs" / "fashion_mnist.yaml"),
+        "--data.init_args.loader=tensor",
         f"--data.init_args.batch_size={BATCH}", "--model.init_args.scheduler=null", f"--trainer.max_steps={steps}",
         "--trainer.limit_val_batches=0", "--trainer.logger=false",
         "--checkpoint.save_top_k=0", "--checkpoint.save_last=false",
@@ -59,9 +62,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.plain:
         return plain(args.steps)
-    cli = [PYTHON, *cli_args(args.steps)]
+    cli = [PYTHON, *cli_args(args.steps)]  # each run in a fresh folder: the CLI saves config.yaml there
     loop = [PYTHON, __file__, "--plain", "--steps", str(args.steps)]
-    a, b = interleave(lambda: timed_command(cli), lambda: timed_command(loop), args.repeats)
+    a, b = interleave(
+        lambda: timed_command(cli, cwd=Path(tempfile.mkdtemp())), lambda: timed_command(loop), args.repeats
+    )
     wall_ratio = median([w for w, _ in b]) / median([w for w, _ in a])
     rss_ratio = median([r for _, r in a]) / median([r for _, r in b])
     where = f"Machine: {machine()} (shared with other jobs)."
