@@ -32,6 +32,8 @@ class ImageDataModule(LightningDataModule):
         augment: train-time augmentation preset: ``none`` or ``standard`` (data set specific).
         seed: seed of the train/val split.
         predict_split: which split ``predict`` runs on.
+        loader: ``torchvision``: per-sample transforms in a DataLoader; ``tensor``: the whole data set decoded once
+            into memory (on the accelerator), batches normalized and augmented at once (``project/data/tensor.py``).
     """
 
     class_names: Sequence[str] = ()
@@ -51,6 +53,7 @@ class ImageDataModule(LightningDataModule):
         augment: Literal["none", "standard"] = "none",
         seed: int = 42,
         predict_split: Split = "test",
+        loader: Literal["torchvision", "tensor"] = "torchvision",
     ) -> None:
         super().__init__()
         if isinstance(val_split, float) and not 0.0 <= val_split < 1.0:
@@ -65,6 +68,7 @@ class ImageDataModule(LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.predict_split = predict_split
+        self.loader = loader
         self.datasets: dict[str, Dataset] = {}
 
     # ---- what a concrete data set provides -------------------------------------------------------------
@@ -130,6 +134,10 @@ class ImageDataModule(LightningDataModule):
         return sorted(order[n_val:]), sorted(order[:n_val])
 
     def setup(self, stage: str | None = None) -> None:
+        if self.loader == "tensor":
+            from project.data.tensor import setup_tensors
+
+            return setup_tensors(self, stage)
         if stage in ("fit", "validate", None) and "train" not in self.datasets:
             train_full = self.make_dataset(train=True, transform=self.train_transform())
             val_full = self.make_dataset(train=True, transform=self.eval_transform())
@@ -142,6 +150,10 @@ class ImageDataModule(LightningDataModule):
             self.setup("fit")
 
     def _loader(self, split: str, train: bool) -> DataLoader:
+        if self.loader == "tensor":
+            from project.data.tensor import tensor_loader
+
+            return tensor_loader(self, split, train)
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,

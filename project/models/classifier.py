@@ -35,6 +35,8 @@ class ImageClassifier(LightningModule):
         label_smoothing: cross-entropy label smoothing.
         class_weights: per-class weights of the cross-entropy (e.g. inverse class frequencies for imbalanced data).
         channels_last: run convolutions in NHWC memory layout (faster on CPUs and tensor-core GPUs).
+        compile: ``torch.compile`` the net (``true``, or a dict of ``torch.compile`` arguments); off by default.
+        tta_flip: at validation and test, average the logits of the images and of their horizontal mirror images.
     """
 
     def __init__(
@@ -48,6 +50,8 @@ class ImageClassifier(LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         class_weights: Sequence[float] | None = None,
+        compile: bool | dict[str, Any] = False,
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -66,6 +70,8 @@ class ImageClassifier(LightningModule):
             raise UserError(f"class_weights needs {num_classes} values (one per class), got {len(class_weights)}")
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        self.tta_flip = tta_flip
+        self.compile_options = ({} if compile is True else compile) if compile else None
 
         metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -87,6 +93,12 @@ class ImageClassifier(LightningModule):
         """The net's ``backbone`` when it has one: what Lightning's ``BackboneFinetuning`` freezes and unfreezes."""
         return getattr(self.net, "backbone", None)
 
+    def setup(self, stage: str) -> None:
+        if self.compile_options is not None and self.net._compiled_call_impl is None:
+            from project.models.speed import compile_net
+
+            compile_net(self.net, self.compile_options)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -94,7 +106,7 @@ class ImageClassifier(LightningModule):
 
     def _shared_step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch[0], batch[1]
-        logits = self(x)
+        logits = (self(x) + self(x.flip(-1))) / 2 if self.tta_flip and not self.training else self(x)
         return self.criterion(logits.float(), y), logits, y
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
