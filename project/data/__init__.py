@@ -1,0 +1,4 @@
+from project.data.base import ImageDataModule
+from project.data.vision import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, MNISTDataModule
+
+__all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "FashionMNISTDataModule", "ImageDataModule", "MNISTDataModule"]

@@ -1,0 +1,161 @@
+"""MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 on torchvision's dataset classes and on-disk formats."""
+
+import gzip
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from project.data.base import ImageDataModule
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class _MNISTFamily(ImageDataModule):
+    """28x28 grayscale digits or clothes, read from raw IDX files under ``data_dir/<Name>/raw``.
+
+    Args:
+        gz_dir: a folder holding the four ``*-idx?-ubyte.gz`` files; they are unpacked into ``data_dir`` once.
+        **kwargs: see :class:`ImageDataModule`.
+    """
+
+    dataset_class: type[datasets.MNIST] = datasets.MNIST
+    auto_gz_dirs: Sequence[str] = ()
+    image_shape = (1, 28, 28)
+
+    def __init__(self, *args: Any, gz_dir: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gz_dir = gz_dir
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / self.dataset_class.__name__ / "raw"
+
+    def files_present(self) -> bool:
+        if all((self.raw_dir / name).is_file() for name in IDX_FILES):
+            return True
+        source = self._gz_source()
+        if source is None:
+            return False
+        self._unpack(source)
+        return True
+
+    def _gz_source(self) -> Path | None:
+        candidates = [self.gz_dir] if self.gz_dir else list(self.auto_gz_dirs)
+        for folder in candidates:
+            if all((Path(folder) / f"{name}.gz").is_file() for name in IDX_FILES):
+                return Path(folder)
+        if self.gz_dir:
+            missing = [f"{n}.gz" for n in IDX_FILES if not (Path(self.gz_dir) / f"{n}.gz").is_file()]
+            from project.errors import UserError
+
+            raise UserError(f"gz_dir {self.gz_dir} lacks {', '.join(missing)}")
+        return None
+
+    def _unpack(self, source: Path) -> None:
+        self.raw_dir.mkdir(parents=True, exist_ok=True)
+        for name in IDX_FILES:
+            target = self.raw_dir / name
+            if target.is_file():
+                continue
+            partial = target.with_name(f".{name}.partial-{os.getpid()}")
+            with gzip.open(source / f"{name}.gz", "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(partial, target)
+
+    def missing_data_message(self) -> str:
+        where = f" or {' or '.join(self.auto_gz_dirs)}" if self.auto_gz_dirs else ""
+        return (
+            f"{self.dataset_class.__name__} not found: expected {', '.join(IDX_FILES)} in {self.raw_dir}{where}; "
+            f"copy them there (plain or as .gz via --data.gz_dir DIR) or run once with internet access"
+        )
+
+    def download(self, root: Path) -> None:
+        self.dataset_class(str(root), train=True, download=True)
+
+    def make_dataset(self, train: bool, transform: Any) -> Dataset:
+        return self.dataset_class(str(self.data_dir), train=train, transform=transform)
+
+    def standard_augmentations(self) -> list[Any]:
+        return [v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
+
+
+class MNISTDataModule(_MNISTFamily):
+    dataset_class = datasets.MNIST
+    class_names = tuple(str(i) for i in range(10))
+    mean = (0.1307,)
+    std = (0.3081,)
+
+
+class FashionMNISTDataModule(_MNISTFamily):
+    """Fashion-MNIST; also found in Debian's ``dataset-fashion-mnist`` package folder without any setting."""
+
+    dataset_class = datasets.FashionMNIST
+    auto_gz_dirs = ("/usr/share/datasets/fashion-mnist",)
+    class_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")  # fmt: skip
+    mean = (0.2860,)
+    std = (0.3530,)
+
+
+class _CIFAR(ImageDataModule):
+    """32x32 RGB images from the python pickle batches under ``data_dir/cifar-10(0)-batches-py`` or ``...-python``."""
+
+    dataset_class: type[datasets.CIFAR10] = datasets.CIFAR10
+    image_shape = (3, 32, 32)
+
+    def files_present(self) -> bool:
+        # torchvision's own check: every batch file present with its published MD5
+        probe = self.dataset_class.__new__(self.dataset_class)
+        probe.root = str(self.data_dir)
+        return probe._check_integrity()
+
+    def missing_data_message(self) -> str:
+        folder = self.data_dir / self.dataset_class.base_folder
+        files = [name for name, _ in self.dataset_class.train_list + self.dataset_class.test_list]
+        return (
+            f"{self.dataset_class.__name__} not found or corrupt: expected {', '.join(files)} (python version, "
+            f"with matching MD5s) in {folder}; unpack {self.dataset_class.filename} into {self.data_dir} "
+            f"or run once with internet access"
+        )
+
+    def download(self, root: Path) -> None:
+        self.dataset_class(str(root), train=True, download=True)
+        (root / self.dataset_class.filename).unlink(missing_ok=True)
+
+    def make_dataset(self, train: bool, transform: Any) -> Dataset:
+        return self.dataset_class(str(self.data_dir), train=train, transform=transform)
+
+    def standard_augmentations(self) -> list[Any]:
+        return [v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+
+
+class CIFAR10DataModule(_CIFAR):
+    dataset_class = datasets.CIFAR10
+    class_names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+
+
+class CIFAR100DataModule(_CIFAR):
+    dataset_class = datasets.CIFAR100
+    class_names = (
+        "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl",
+        "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair",
+        "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin",
+        "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp",
+        "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+        "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck",
+        "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
+        "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+        "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
+        "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+        "willow_tree", "wolf", "woman", "worm",
+    )  # fmt: skip
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
