@@ -5,10 +5,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from project.callbacks.checkpoint import ModelCheckpoint, last_checkpoint_of_run
 from project.callbacks.prediction_writer import PredictionWriter
+from project.callbacks.rng import RNGStateCheckpoint
 from project.data.base import ImageDataModule
 from project.errors import UserError
 from project.models.classifier import ImageClassifier
@@ -55,6 +56,8 @@ class CLI(LightningCLI):
             init_args = getattr(entry, "init_args", None)
             if init_args is not None and "name" in init_args and not init_args.name:
                 init_args.name = run_name(config.data.class_path)
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = last_checkpoint_of_run(config.get("config") or [], config.checkpoint.dirpath)
 
 
 def run_name(data_class_path: str) -> str:
@@ -94,4 +97,5 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.CSVLogger",
             "init_args": {"save_dir": RUNS_DIR, "name": None},
         },
+        "callbacks": [RNGStateCheckpoint()],  # always on, so resuming continues the same random streams
     }

@@ -12,6 +12,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
+from project.data.samplers import eval_sampler
+
 Split = Literal["train", "val", "test"]
 
 
@@ -158,6 +160,7 @@ class ImageDataModule(LightningDataModule):
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
+            sampler=None if train else eval_sampler(self.datasets[split], self.trainer),
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
