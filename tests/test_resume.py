@@ -17,11 +17,6 @@ def args(root: Path, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: after --ckpt_path last the epoch-2 shuffling order differs from the uninterrupted run although "
-    "RNGStateCheckpoint restores the RNG states in on_train_start (see report of issue 4)",
-)
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(mnist_root):
     mnist = f"--config={CONFIGS / 'mnist.yaml'}"
     straight = cli_main(["fit", mnist, *args(mnist_root, "--trainer.max_epochs=3")])

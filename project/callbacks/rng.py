@@ -13,15 +13,13 @@ class RNGStateCheckpoint(Callback):
     """Saves the torch (CPU and CUDA), numpy and Python RNG states with every checkpoint and restores them when
     training resumes from it.
 
-    The states are restored in ``on_train_start``, after the sanity check: evaluation loaders draw a seed from the
-    global generator when they start, and the resumed run must continue from the state the checkpoint was taken in.
+    The states are restored as soon as the checkpoint is loaded, before the fit loop creates the training iterator
+    (its sampler and worker seeds come from the global generator); Lightning runs the sanity check inside
+    ``isolate_rng``, so it does not disturb them.
     This makes the shuffling order, dropout masks and augmentations after a resume from an end-of-epoch checkpoint
     the same as in an uninterrupted run (``tests/test_resume.py``). Everything is stored as tensors and plain
     data, so checkpoints still load with ``torch.load(..., weights_only=True)``.
     """
-
-    def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
@@ -38,13 +36,7 @@ class RNGStateCheckpoint(Callback):
             "python": random.getstate(),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
-
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._pending is None:
-            return
-        state, self._pending = self._pending, None
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
