@@ -3,11 +3,18 @@
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from project import errors
+from project.callbacks.interrupt import GracefulInterrupt
+from project.callbacks.nan_guard import EmptyEpochCheck, NonFiniteLossGuard
+from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.data.base import ImageDataModule
 from project.errors import UserError
 from project.models.classifier import ImageClassifier
@@ -54,6 +61,33 @@ class CLI(LightningCLI):
             if init_args is not None and "name" in init_args and not init_args.name:
                 init_args.name = run_name(config.data.class_path)
 
+    def after_instantiate_classes(self) -> None:
+        install_safe_checkpoint_io(self.trainer)
+        if self.datamodule is not None:
+            errors.guard_data_reading(self.datamodule)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the model's config from --ckpt_path: refuse a missing, foreign or hostile file first."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        errors.check_checkpoint_path(ckpt_path)
+        if ckpt_path and Path(ckpt_path).is_file():
+            checkpoint = load_checkpoint(ckpt_path)
+            if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+                raise UserError(f"{ckpt_path} is not a Lightning checkpoint (no state_dict); pass a .ckpt from fit")
+        try:
+            super()._parse_ckpt_path()
+        except UserError as err:
+            raise UserError(
+                f"--ckpt_path {ckpt_path} comes from another model: {err}; pass a checkpoint of this project's fit"
+            ) from err
+
+
+def install_safe_checkpoint_io(trainer: Trainer) -> None:
+    """Atomic writes and weights-only reads for every checkpoint, unless the user configured their own IO."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = SafeCheckpointIO()
+
 
 def run_name(data_class_path: str) -> str:
     """``project.data.FashionMNISTDataModule`` -> ``fashion_mnist``."""
@@ -62,8 +96,17 @@ def run_name(data_class_path: str) -> str:
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
-    """Entry point of ``python -m project`` and the ``project`` script; tests call it in-process with ``args``."""
+    """Entry point of ``python -m project`` and the ``project`` script; tests call it in-process with ``args``.
+
+    Errors the user can fix end as one ``error: ...`` line and exit code 2; ``--debug`` or ``PROJECT_DEBUG=1``
+    shows the traceback instead.
+    """
+    if args is None:
+        sys.argv[1:], debug = errors.split_debug_flag(sys.argv[1:])
+    else:
+        args, debug = errors.split_debug_flag(args)
     try:
+        errors.check_environment()
         return CLI(
             ImageClassifier,
             ImageDataModule,
@@ -74,9 +117,13 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
             trainer_defaults=trainer_defaults(),
             args=args,
             run=run,
+            parser_class=errors.ArgumentParser,
         )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = errors.describe(err)
+        if debug or message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -86,4 +133,6 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.CSVLogger",
             "init_args": {"save_dir": RUNS_DIR, "name": None},
         },
+        # Always on, added to whatever callbacks a config lists.
+        "callbacks": [NonFiniteLossGuard(), EmptyEpochCheck(), GracefulInterrupt()],
     }

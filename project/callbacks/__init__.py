@@ -1,0 +1,1 @@
+"""Callbacks Lightning does not ship."""
