@@ -60,6 +60,7 @@ class CLI(LightningCLI):
             init_args = getattr(entry, "init_args", None)
             if init_args is not None and "name" in init_args and not init_args.name:
                 init_args.name = run_name(config.data.class_path)
+        errors.check_run_folder_is_new(logger)
 
     def after_instantiate_classes(self) -> None:
         install_safe_checkpoint_io(self.trainer)

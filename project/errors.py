@@ -134,7 +134,8 @@ def describe_parse_error(message: str, parser: Any) -> str:
     if m := re.match(r"Option '(\w+)' is not accepted", inner):
         name = class_path.rsplit(".", 1)[-1] or "this class"
         hint = did_you_mean(m.group(1), init_parameters(class_path)) if class_path else ""
-        return f"{name} has no parameter '{m.group(1)}' (in {key or 'the config'}){hint}"
+        where = key.removesuffix(f".{m.group(1)}") or "the config"
+        return f"{name} has no parameter '{m.group(1)}'{hint} (in {where})"
     expected = [t for t in re.findall(r"Expected a <class '([\w.]+)'>", message) if t != "NoneType"]
     if expected:
         if nested:
@@ -255,5 +256,24 @@ def guard_data_reading(datamodule: Any) -> None:
                 f"could not read the data set in {where} ({type(err).__name__}: {detail}); a file is probably "
                 f"truncated or corrupt: delete it and copy it again"
             ) from err
+        except ValueError as err:  # a setting the data does not allow, e.g. val_split larger than the data set
+            raise UserError(f"{type(datamodule).__name__}: {err}") from err
 
     datamodule.setup = guarded_setup
+
+
+def check_run_folder_is_new(logger_config: Any) -> None:
+    """A logger given a fixed version must not reuse an earlier run's folder (CSVLogger would delete its metrics)."""
+    for entry in logger_config if isinstance(logger_config, list) else [logger_config]:
+        init_args = getattr(entry, "init_args", None)
+        version = getattr(init_args, "version", None) if init_args is not None else None
+        save_dir = getattr(init_args, "save_dir", None)
+        if version is None or save_dir is None:
+            continue
+        name = getattr(init_args, "name", None) or ""
+        folder = Path(save_dir) / name / (version if isinstance(version, str) else f"version_{version}")
+        if folder.is_dir() and any(folder.iterdir()):
+            raise UserError(
+                f"{folder} holds an earlier run and is never overwritten; leave trainer.logger.init_args.version "
+                f"unset (a new version folder is made) or pick another version"
+            )

@@ -40,8 +40,9 @@ class NonFiniteLossGuard(Callback):
 class EmptyEpochCheck(Callback):
     """A training set smaller than one batch with ``drop_last`` trains on nothing: say so instead."""
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.num_training_batches != 0 or trainer.limit_train_batches == 0:
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Lightning skips the whole fit loop (no on_train_start) when an epoch has no batches.
+        if trainer.num_training_batches != 0 or trainer.limit_train_batches == 0 or trainer.global_step > 0:
             return
         loader: Any = trainer.train_dataloader
         size = len(getattr(loader, "dataset", ())) if loader is not None else 0
