@@ -139,6 +139,9 @@ class StepMarker(Callback):
         self.folder = Path(folder)
         self.delay = delay
 
+    def on_train_start(self, trainer, *args) -> None:
+        (self.folder / f"start-{os.getpid()}").write_text(str(trainer.global_step))
+
     def on_train_batch_end(self, trainer, *args) -> None:
         time.sleep(self.delay)
         (self.folder / f"step-{trainer.global_step}").touch()
