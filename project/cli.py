@@ -3,13 +3,20 @@
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from project import errors
 from project.callbacks.checkpoint import ModelCheckpoint, last_checkpoint_of_run
+from project.callbacks.interrupt import GracefulInterrupt
+from project.callbacks.nan_guard import EmptyEpochCheck, NonFiniteLossGuard
 from project.callbacks.prediction_writer import PredictionWriter
 from project.callbacks.rng import RNGStateCheckpoint
+from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.data.base import ImageDataModule
 from project.errors import UserError
 from project.models.classifier import ImageClassifier
@@ -58,6 +65,34 @@ class CLI(LightningCLI):
                 init_args.name = run_name(config.data.class_path)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = last_checkpoint_of_run(config.get("config") or [], config.checkpoint.dirpath)
+        errors.check_run_folder_is_new(logger)
+
+    def after_instantiate_classes(self) -> None:
+        install_safe_checkpoint_io(self.trainer)
+        if self.datamodule is not None:
+            errors.guard_data_reading(self.datamodule)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the model's config from --ckpt_path: refuse a missing, foreign or hostile file first."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        errors.check_checkpoint_path(ckpt_path)
+        if ckpt_path and Path(ckpt_path).is_file():
+            checkpoint = load_checkpoint(ckpt_path)
+            if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+                raise UserError(f"{ckpt_path} is not a Lightning checkpoint (no state_dict); pass a .ckpt from fit")
+        try:
+            super()._parse_ckpt_path()
+        except UserError as err:
+            raise UserError(
+                f"--ckpt_path {ckpt_path} comes from another model: {err}; pass a checkpoint of this project's fit"
+            ) from err
+
+
+def install_safe_checkpoint_io(trainer: Trainer) -> None:
+    """Atomic writes and weights-only reads for every checkpoint, unless the user configured their own IO."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = SafeCheckpointIO()
 
 
 def run_name(data_class_path: str) -> str:
@@ -67,8 +102,17 @@ def run_name(data_class_path: str) -> str:
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
-    """Entry point of ``python -m project`` and the ``project`` script; tests call it in-process with ``args``."""
+    """Entry point of ``python -m project`` and the ``project`` script; tests call it in-process with ``args``.
+
+    Errors the user can fix end as one ``error: ...`` line and exit code 2; ``--debug`` or ``PROJECT_DEBUG=1``
+    shows the traceback instead.
+    """
+    if args is None:
+        sys.argv[1:], debug = errors.split_debug_flag(sys.argv[1:])
+    else:
+        args, debug = errors.split_debug_flag(args)
     try:
+        errors.check_environment()
         return CLI(
             ImageClassifier,
             ImageDataModule,
@@ -79,15 +123,13 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
             trainer_defaults=trainer_defaults(),
             args=args,
             run=run,
+            parser_class=errors.ArgumentParser,
         )
-    except (UserError, ValueError) as err:
-        # jsonargparse wraps errors raised while building a class_path object (e.g. a data module) in a ValueError
-        cause = err
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__
-        if cause is None:
+    except Exception as err:
+        message = errors.describe(err)
+        if debug or message is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -97,5 +139,6 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.CSVLogger",
             "init_args": {"save_dir": RUNS_DIR, "name": None},
         },
-        "callbacks": [RNGStateCheckpoint()],  # always on, so resuming continues the same random streams
+        # Always on, added to whatever callbacks a config lists.
+        "callbacks": [RNGStateCheckpoint(), NonFiniteLossGuard(), EmptyEpochCheck(), GracefulInterrupt()],
     }
