@@ -1,0 +1,1 @@
+"""Callbacks Lightning does not ship. Each module is one concern; import from the module itself."""
