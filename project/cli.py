@@ -16,9 +16,11 @@ from project.callbacks.interrupt import GracefulInterrupt
 from project.callbacks.nan_guard import EmptyEpochCheck, NonFiniteLossGuard
 from project.callbacks.prediction_writer import PredictionWriter
 from project.callbacks.rng import RNGStateCheckpoint
+from project.callbacks.wandb import WandbPredictionMedia, WandbWatch
 from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.data.base import ImageDataModule
 from project.errors import UserError
+from project.loggers import LearningRateMonitor, SaveConfigCallback, close_loggers
 from project.models.classifier import ImageClassifier
 
 RUNS_DIR = "runs"
@@ -50,11 +52,21 @@ class CLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # Logged by whichever logger is configured (configs/logger/*.yaml); the W&B ones do nothing without W&B.
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(WandbWatch, "wandb_watch")
+        parser.add_lightning_class_args(WandbPredictionMedia, "wandb_media")
 
     def after_fit(self) -> None:
         if self.config.fit.test_after_fit and not self.trainer.interrupted:
             ckpt_path = "best" if self.trainer.checkpoint_callback and not self.trainer.fast_dev_run else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            close_loggers(self.trainer)  # one W&B run per command, finished before the next one starts
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -121,6 +133,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
             seed_everything_default=42,
             auto_configure_optimizers=False,
             trainer_defaults=trainer_defaults(),
+            save_config_callback=SaveConfigCallback,
             args=args,
             run=run,
             parser_class=errors.ArgumentParser,
@@ -134,9 +147,10 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
 
 
 def trainer_defaults() -> dict[str, Any]:
+    # W&B by default (offline without credentials); configs/logger/{csv,tensorboard,none}.yaml switch it.
     return {
         "logger": {
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "class_path": "project.loggers.WandbLogger",
             "init_args": {"save_dir": RUNS_DIR, "name": None},
         },
         # Always on, added to whatever callbacks a config lists.

@@ -123,10 +123,11 @@ class ImageClassifier(LightningModule):
         # Sanity-check batches must not count towards the best validation accuracy.
         self.val_acc_best.reset()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         loss, logits, y = self._shared_step(batch)
         self.val_metrics.update(logits, y)
         self.val_loss.update(loss, weight=y.numel())
+        return {"preds": logits.argmax(dim=-1), "target": y, "logits": logits.detach()}  # for callbacks (media)
 
     def on_validation_epoch_end(self) -> None:
         values = {**self.val_metrics.compute(), "val/loss": self.val_loss.compute()}  # synced by torchmetrics
@@ -137,10 +138,11 @@ class ImageClassifier(LightningModule):
             self.val_acc_best.update(values["val/acc"])
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         loss, logits, y = self._shared_step(batch)
         self.test_metrics.update(logits, y)
         self.test_loss.update(loss, weight=y.numel())
+        return {"preds": logits.argmax(dim=-1), "target": y, "logits": logits.detach()}
 
     def on_test_epoch_end(self) -> None:
         self.log_dict({**self.test_metrics.compute(), "test/loss": self.test_loss.compute()})
