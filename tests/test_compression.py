@@ -19,7 +19,8 @@ FMNIST = f"--config={CONFIGS / 'fashion_mnist.yaml'}"
 def teacher(mnist_root, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("teacher")
     cli = cli_main(["fit", FMNIST, *fast_args(mnist_root), "--model.init_args.net.init_args.width=8",
-                    "--trainer.max_epochs=3", "--data.init_args.batch_size=32", f"--trainer.default_root_dir={folder}",
+                    "--trainer.max_epochs=3", "--data.init_args.batch_size=32", "--data.init_args.loader=torchvision",
+                    f"--trainer.default_root_dir={folder}",
                     f"--trainer.logger.init_args.save_dir={folder}"])  # fmt: skip
     assert float(cli.trainer.callback_metrics["test/acc"]) > 0.5
     return Path(cli.trainer.checkpoint_callback.best_model_path)
@@ -47,7 +48,8 @@ def test_student_learns_from_the_teacher_logits_alone(teacher, mnist_root):
     cli = cli_main([FMNIST, f"--config={CONFIGS / 'compress' / 'distill.yaml'}", *fast_args(mnist_root),
                     f"--model.init_args.teacher_ckpt={teacher}", "--model.init_args.alpha=1.0",
                     "--model.init_args.net.init_args.width=4", "--trainer.max_epochs=3",
-                    "--data.init_args.batch_size=32", "--test_after_fit=false"], run=False)  # fmt: skip
+                    "--data.init_args.batch_size=32", "--data.init_args.loader=torchvision",
+                    "--test_after_fit=false"], run=False)  # fmt: skip
     student = cli.model
     teacher_net = student.teacher
     teacher_before = {k: v.clone() for k, v in teacher_net.state_dict().items()}

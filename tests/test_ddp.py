@@ -29,6 +29,7 @@ def odd_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def cli_args(data_dir: Path, *extra: str) -> list[str]:
     return ["fit", f"--config={CONFIGS / 'mnist.yaml'}", f"--config={CONFIGS / 'trainer' / 'ddp_cpu.yaml'}",
+            f"--config={CONFIGS / 'logger' / 'csv.yaml'}",
             f"--data.init_args.data_dir={data_dir}", f"--data.init_args.val_split={N_VAL}",
             "--data.init_args.batch_size=16", "--model.init_args.net.init_args.hidden=[16]",
             "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false",

@@ -89,13 +89,20 @@ class WandbPredictionMedia(Callback):
     def _log(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         import wandb
 
-        if not self._preds:
+        if not self._preds and trainer.world_size == 1:
             return
-        # Every rank takes part in the gather (DDP); only rank 0 logs.
-        preds = trainer.strategy.all_gather(torch.cat(self._preds)).flatten().cpu()
-        targets = trainer.strategy.all_gather(torch.cat(self._targets)).flatten().cpu()
+        # A fixed-size confusion count, summed over ranks: ranks may hold different numbers of samples
+        # (evaluation is unrepeated), which a plain all_gather cannot take. Every rank takes part; rank 0 logs.
+        num_classes = int(pl_module.num_classes)
+        counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=pl_module.device)
+        if self._preds:
+            pairs = torch.cat(self._targets).long() * num_classes + torch.cat(self._preds).long()
+            counts += torch.bincount(pairs.to(counts.device), minlength=num_classes * num_classes)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum").cpu()
         if not trainer.is_global_zero:
             return
+        pairs = torch.repeat_interleave(torch.arange(num_classes * num_classes), counts)
+        targets, preds = pairs // num_classes, pairs % num_classes
         names = list(getattr(pl_module, "class_names", [])) or [str(i) for i in range(int(targets.max()) + 1)]
         table = wandb.Table(columns=["image", "true", "predicted", "confidence", "correct"])
         rows = (self._samples[True] + self._samples[False])[: self.num_samples]  # misclassified first
