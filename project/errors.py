@@ -204,6 +204,13 @@ def describe(err: BaseException) -> str | None:
             f"the checkpoint does not fit this model{detail}: it was trained with another net or num_classes; "
             f"use the config.yaml saved next to it, e.g. -c runs/<name>/version_<N>/config.yaml"
         )
+    if isinstance(err, RuntimeError) and re.search(
+        r"Connection reset by peer|Connection closed by peer|NCCL.*(timeout|Timeout)|Watchdog caught collective", text
+    ):
+        return (
+            "a DDP worker stopped answering (it died or hung), so the job stops instead of waiting; "
+            "look above for that worker's own error (out of memory, killed), fix it, then resume with --ckpt_path last"
+        )
     if isinstance(err, RuntimeError) and "Aborting to avoid overwriting" in text:
         path = re.search(r"expected (\S+) to NOT exist", text)
         return (

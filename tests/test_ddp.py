@@ -116,3 +116,17 @@ def test_two_nodes_one_process_each_via_torchrun_environment(odd_mnist, tmp_path
     outputs = wait_all(processes)
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
     single_process_matches(only_rank_zero_wrote(tmp_path))
+
+
+def test_a_dying_worker_takes_the_job_down_instead_of_hanging(odd_mnist, tmp_path):
+    """Rank 1 hard-exits mid-training: the other rank fails fast with one clear line (bounded by TIMEOUT_S)."""
+    args = cli_args(odd_mnist, "--trainer.limit_train_batches=10", "--trainer.callbacks+=tests.ddp_helpers.DieOnRank")
+    process = launch(args, tmp_path, MASTER_PORT=str(free_port()))
+    try:
+        output = process.communicate(timeout=TIMEOUT_S)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode != 0, output[-3000:]
+    assert "error: a DDP worker stopped answering" in output, output[-3000:]
