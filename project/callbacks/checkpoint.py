@@ -1,4 +1,5 @@
-"""Checkpoints: ``last.ckpt`` refreshed after every validation, and ``--ckpt_path last`` resolved to a given run."""
+"""Checkpoints: ``last.ckpt`` refreshed after every validation and every ``every_n_train_steps``; ``--ckpt_path last``
+resolved to a given run."""
 
 import os
 from collections.abc import Iterable
@@ -27,6 +28,16 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args, **kwargs) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        # Lightning defers every_n_train_steps saves while the monitored (validation) metric is absent, i.e. always
+        # mid-epoch; refresh last.ckpt anyway (the epoch's last batch is left to the epoch-end refresh)
+        n = self._every_n_train_steps
+        if n >= 1 and trainer.global_step % n == 0 and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            saved_step = self._last_global_step_saved
+            self._refresh_last(trainer)
+            self._last_global_step_saved = saved_step  # a top-k save at this step (mid-epoch validation) still runs
 
     def _refresh_last(self, trainer: "pl.Trainer") -> None:
         # _should_skip_saving_checkpoint is also true when a checkpoint (and so last.ckpt) was saved at this step

@@ -236,7 +236,7 @@ def tensor_loader(dm: Any, split: str, train: bool) -> TensorLoader:
     device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
     rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     images, labels = dm.datasets[split]
-    return TensorLoader(
+    loader = TensorLoader(
         images,
         labels,
         batch_size=dm.batch_size if train else dm.eval_batch_size,
@@ -249,3 +249,7 @@ def tensor_loader(dm: Any, split: str, train: bool) -> TensorLoader:
         world_size=world_size,
         device=device,
     )
+    if train and trainer is not None:
+        # continue the trainer's epoch count: Lightning restores no loader state from an end-of-epoch checkpoint
+        loader.epoch = trainer.fit_loop.epoch_progress.current.processed - 1
+    return loader
