@@ -151,8 +151,13 @@ class WandbLogger(_WandbLogger):
     def experiment(self) -> Any:
         if self._experiment is None:
             mode, self._mode_reason = resolve_mode(self._mode)
-            self._wandb_init.update(dir=self.save_dir, mode=mode)
+            # absolute: wandb resolves a relative dir against the cwd of its first run in this process
+            self._wandb_init.update(dir=os.path.abspath(self.save_dir), mode=mode)
             self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning always passes it
+            import wandb
+
+            if wandb.run is not None:  # left open by another logger in this process: never log into it
+                wandb.run.finish()
             try:
                 return _WandbLogger.experiment.fget(self)
             except Exception as err:  # network or server trouble: keep the run, offline
@@ -247,6 +252,11 @@ class LearningRateMonitor(_LearningRateMonitor):
 
 def close_loggers(trainer: Any) -> None:
     """Finish W&B runs when a CLI subcommand ends, so the next run in the same process starts fresh."""
+    from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
     for logger in getattr(trainer, "loggers", []):
         if isinstance(logger, WandbLogger):
             logger.close()
+        elif isinstance(logger, LightningWandbLogger) and getattr(logger, "_experiment", None) is not None:
+            # Lightning's own logger never finishes its run: the next run in this process would write into it.
+            logger._experiment.finish()

@@ -1,12 +1,16 @@
 """Hostile files and leaked secrets: a checkpoint never runs code when loaded; keys in the environment never reach
 an output file."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from project.cli import cli_main
 from project.errors import UserError
-from tests.conftest import CONFIGS, fast_args
+from tests.conftest import CONFIGS, ROOT, fast_args
 
 MNIST = str(CONFIGS / "mnist.yaml")
 
@@ -67,24 +71,22 @@ SECRETS = {
 }
 
 
-def test_secrets_never_reach_output_files(tmp_path, monkeypatch, capfd, mnist_root):
-    for name, value in SECRETS.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cli = cli_main(["fit", f"--config={MNIST}", *fast_args(mnist_root), "--trainer.max_epochs=1",
-                    "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--test_after_fit=true",
-                    "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
-                    f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb-runs'}",
-                    "--trainer.logger.init_args.offline=true"])  # fmt: skip
-    assert cli.trainer.state.finished
+def test_secrets_never_reach_output_files(tmp_path, mnist_root):
+    """A real process (W&B offline and CSV logs, fit + test) with planted keys: no file and no console line has them."""
+    env = {**os.environ, **SECRETS, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    args = ["fit", f"--config={MNIST}", *fast_args(mnist_root), "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--test_after_fit=true",
+            "--trainer.logger+=project.loggers.WandbLogger"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "project", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "runs" / "mnist" / "version_0"
     assert (run_dir / "config.yaml").is_file() and list((run_dir / "checkpoints").glob("*.ckpt"))
-    assert list((tmp_path / "wandb-runs").rglob("*.wandb")), "the offline W&B run wrote its files"
+    assert list(tmp_path.rglob("*.wandb")), "the offline W&B run wrote its files"
     outputs = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(outputs) >= 5
-    console = capfd.readouterr()
     for name, value in SECRETS.items():
         needle = value.encode()
         leaked = [str(p) for p in outputs if needle in p.read_bytes()]
         assert not leaked, f"{name} found in {leaked}"
-        assert value not in console.out + console.err
+        assert value not in done.stdout + done.stderr

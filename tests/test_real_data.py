@@ -24,6 +24,6 @@ def test_fashion_mnist_one_epoch_reaches_85_percent(debian_fashion_mnist, tmp_pa
         "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--test_after_fit=true",
     ])  # fmt: skip
     metrics = cli.trainer.callback_metrics
-    assert len(cli.datamodule.datasets["test"]) == 10_000
-    assert len(cli.datamodule.datasets["train"]) + len(cli.datamodule.datasets["val"]) == 60_000
+    sizes = {split: cli.trainer.datamodule.num_samples(split) for split in ("train", "val", "test")}
+    assert sizes["test"] == 10_000 and sizes["train"] + sizes["val"] == 60_000, sizes
     assert float(metrics["test/acc"]) >= 0.85, f"test accuracy {float(metrics['test/acc']):.4f}"

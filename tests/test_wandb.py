@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,12 @@ def _apply(target: dict, item: Any) -> None:
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """Config, summary, history rows, artifacts and the folder of the single offline W&B run in ``run_dir``."""
-    found = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    found: list[Path] = []
+    for _ in range(100):  # wandb-core writes the run's files from its own process: allow it a moment
+        found = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        if found:
+            break
+        time.sleep(0.2)
     assert len(found) == 1, f"expected one W&B run in {run_dir}, found {found}"
     run: dict[str, Any] = {"dir": found[0].parent, "config": {}, "summary": {}, "history": [], "artifacts": []}
     for record in records(found[0]):
@@ -191,7 +197,7 @@ def test_no_credentials_no_tty_goes_offline_and_says_how_to_sync(mnist_root, tmp
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     run = read_run(tmp_path / "runs" / "fashion_mnist" / "version_0")
-    offline_dir = run["dir"].relative_to(tmp_path)
+    offline_dir = run["dir"].resolve()  # absolute, so the sync line works from any folder
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "W&B run saved offline in" in line]
     assert len(lines) == 1 and lines[0].endswith(f"upload it with: wandb sync {offline_dir}"), lines
     assert "test/acc" in run["summary"], "test_after_fit logs into the same run"

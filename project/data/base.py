@@ -127,6 +127,11 @@ class ImageDataModule(LightningDataModule):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return self.data_dir
 
+    def num_samples(self, split: str) -> int:
+        """Samples in a set-up split, whichever loader holds it (a Dataset, or the tensor path's (images, labels))."""
+        data = self.datasets[split]
+        return len(data[1]) if isinstance(data, tuple) else len(data)
+
     def split_indices(self, n: int) -> tuple[list[int], list[int]]:
         """Seeded, disjoint train/val indices out of ``n`` training samples."""
         n_val = int(round(n * self.val_split)) if isinstance(self.val_split, float) else int(self.val_split)
