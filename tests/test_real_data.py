@@ -20,7 +20,8 @@ def debian_fashion_mnist() -> None:
 
 def test_fashion_mnist_one_epoch_reaches_85_percent(debian_fashion_mnist, tmp_path):
     cli = cli_main([
-        "fit", f"--config={CONFIGS / 'fashion_mnist.yaml'}", f"--data.init_args.data_dir={tmp_path / 'data'}",
+        "fit", f"--config={CONFIGS / 'fashion_mnist.yaml'}", f"--config={CONFIGS / 'logger' / 'csv.yaml'}",
+        f"--data.init_args.data_dir={tmp_path / 'data'}",
         "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--test_after_fit=true",
     ])  # fmt: skip
     metrics = cli.trainer.callback_metrics
