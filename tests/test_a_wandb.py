@@ -1,4 +1,5 @@
-"""W&B runs read back from the files wandb writes offline: config, summary, history, media, artifacts, sweeps."""
+"""(Named to run first: a run that follows other wandb.watch runs in the same process logs no gradient histograms.)
+W&B runs read back from the files wandb writes offline: config, summary, history, media, artifacts, sweeps."""
 
 import json
 import os
