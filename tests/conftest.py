@@ -45,7 +45,7 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory):
 def fast_args(data_dir: Path, *extra: str) -> list[str]:
     """Common CLI arguments for quick in-test runs: tiny nets, no progress bar, CSV logs in the cwd."""
     return [
-        f"--config={CONFIGS / 'logger' / 'csv.yaml'}",  # W&B is the default logger; tests/test_a_wandb.py covers it
+        f"--config={CONFIGS / 'logger' / 'csv.yaml'}",  # W&B is the default logger; tests/test_wandb.py covers it
         f"--data.init_args.data_dir={data_dir}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",

@@ -37,7 +37,11 @@ class WandbWatch(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.what and trainer.is_global_zero:
             for logger in wandb_loggers(trainer):
-                logger.watch(pl_module, log=self.what, log_freq=self.log_freq, log_graph=self.log_graph)
+                # idx=0: wandb numbers watched models per process, so a later run in the same process would log
+                # under "gradients/graph_1net..." instead of "gradients/net...".
+                logger.experiment.watch(
+                    pl_module, log=self.what, log_freq=self.log_freq, log_graph=self.log_graph, idx=0
+                )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.what and trainer.is_global_zero:

@@ -1,5 +1,4 @@
-"""(Named to run first: a run that follows other wandb.watch runs in the same process logs no gradient histograms.)
-W&B runs read back from the files wandb writes offline: config, summary, history, media, artifacts, sweeps."""
+"""W&B runs read back from the files wandb writes offline: config, summary, history, media, artifacts, sweeps."""
 
 import json
 import os
@@ -186,6 +185,18 @@ def test_fit_then_test_offline_run_read_back(mnist_root, tmp_path):
     # the planted API key is in no file written: configs, logs, W&B run files, checkpoints, staged artifacts
     assert files_containing(tmp_path, FAKE_KEY) == []
     assert wandb.run is None, "each command finishes its W&B run"
+
+
+def test_every_watched_run_in_a_process_logs_gradients_under_the_same_names(mnist_root):
+    """wandb numbers watched models per process: without idx=0 the second run logged "gradients/graph_1net..."."""
+    args = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+            "--test_after_fit=false", "--wandb_watch.log=gradients", "--wandb_watch.log_freq=1"]  # fmt: skip
+    for version in range(2):
+        cli = cli_main(fit_args(mnist_root, *args))
+        keys = {k for row in read_run(Path(cli.trainer.log_dir))["history"] for k in row}
+        gradients = {k for k in keys if k.startswith("gradients/")}
+        assert "gradients/net.head.1.weight" in gradients, (version, sorted(gradients))
+        assert all(k.startswith("gradients/net.") for k in gradients), (version, sorted(gradients))
 
 
 def test_no_credentials_no_tty_goes_offline_and_says_how_to_sync(mnist_root, tmp_path):
