@@ -12,6 +12,7 @@ from project.models.nets import MLP, ResNet, SmallCNN
         (MLP(num_classes=7, input_shape=(1, 28, 28)), (1, 28, 28)),
         (SmallCNN(num_classes=7, input_shape=(1, 28, 28)), (1, 28, 28)),
         (SmallCNN(num_classes=7, input_shape=(3, 40, 40)), (3, 40, 40)),
+        (SmallCNN(num_classes=7, input_shape=(1, 28, 28), width=4, stages=2, head="flatten", hidden=16), (1, 28, 28)),
         (ResNet(num_classes=7, input_shape=(3, 32, 32), blocks=(1, 1), width=8), (3, 32, 32)),
     ],
 )
@@ -20,6 +21,18 @@ def test_nets_map_images_to_logits(net, shape):
     assert out.shape == (4, 7) and torch.isfinite(out).all()
     out.sum().backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_small_cnn_flatten_head_keeps_where_features_are():
+    """head="flatten": the output layer sees each position of the last stage (7x7 after two stages on 28x28);
+    the default global max-pool cannot tell a pattern's position."""
+    flat = SmallCNN(num_classes=2, width=4, stages=2, head="flatten").eval()
+    pooled = SmallCNN(num_classes=2, width=4, stages=2).eval()
+    assert flat.head[-1].in_features == 8 * 7 * 7 and pooled.head[-1].in_features == 8
+    left, right = torch.zeros(1, 1, 28, 28), torch.zeros(1, 1, 28, 28)
+    left[..., 12:16, 4:8], right[..., 12:16, 16:20] = 1.0, 1.0  # same alignment to the pools, off the borders
+    torch.testing.assert_close(pooled(left), pooled(right))
+    assert not torch.allclose(flat(left), flat(right))
 
 
 def test_resnet_blocks_start_as_identity():
