@@ -42,8 +42,8 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def timed_command(cmd: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB, from /usr/bin/time -v) of a command."""
+def timed_command(cmd: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (KiB, from /usr/bin/time -v) and stdout of a command."""
     start = time.perf_counter()
     out = subprocess.run(
         ["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}
@@ -52,7 +52,7 @@ def timed_command(cmd: list[str], env: dict | None = None, cwd: Path = ROOT) -> 
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
-    return wall, rss
+    return wall, rss, out.stdout
 
 
 def write_section(title: str, body: str) -> None:

@@ -46,7 +46,7 @@ def main() -> None:
         f"""
 One epoch of {args.n} CIFAR-format images (tests/formats.py `write_cifar`), decode + random crop (pad 4,
 reflect) + flip + normalize, batch 512, no training. Interleaved, {args.repeats} epochs each, medians.
-Machine: {machine()} (shared with other jobs).
+Machine: {machine()}.
 
 | path | images/s |
 |---|---|

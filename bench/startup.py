@@ -20,7 +20,7 @@ def main() -> None:
         "Start-up",
         f"""
 `{" ".join(["python", *cli[1:]])}` vs `python -c "import lightning.pytorch, torchvision"`, interleaved,
-{args.repeats} runs each, medians. Machine: {machine()} (shared with other jobs).
+{args.repeats} runs each, medians. Machine: {machine()}.
 
 | command | median wall (s) |
 |---|---|
