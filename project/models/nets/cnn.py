@@ -15,7 +15,7 @@ class SmallCNN(nn.Module):
 
     ``head="global_max"`` (default) max-pools the last stage globally: about 0.1M parameters at the defaults, and any
     input size works. ``head="flatten"`` keeps the last stage's spatial layout (2x2 max-pool, flatten); with
-    ``stages=2, width=16, hidden=128`` it is the fast Fashion-MNIST recipe's net (about a quarter of the default's
+    ``stages=2, width=16, hidden=128`` it is the fast Fashion-MNIST recipe's net (about a sixth of the default's
     compute). ``hidden`` > 0 puts a ReLU layer of that width before the output layer.
     """
 
