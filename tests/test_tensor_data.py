@@ -162,3 +162,14 @@ def test_fit_resumes_mid_epoch_through_lightning(mnist_root: Path, tmp_path: Pat
     assert state["position"] == 2 and state["epoch"] == 1
     resumed, _ = run("--trainer.max_epochs=2", ckpt_path=ckpt)
     assert resumed == full[steps_per_epoch + 2 :]
+
+
+def test_crop_equals_per_image_slices_of_the_padded_image():
+    """The batched gather crop gives exactly what slicing each reflect-padded image at its drawn offset gives."""
+    x = torch.rand(32, 3, 12, 10)
+    cropped = BatchAugment(crop_padding=3)(x, torch.Generator().manual_seed(5))
+    draws = torch.Generator().manual_seed(5)  # the same draws, in the same order: rows, then columns
+    dy, dx = torch.randint(0, 7, (32,), generator=draws), torch.randint(0, 7, (32,), generator=draws)
+    padded = torch.nn.functional.pad(x, (3, 3, 3, 3), mode="reflect")
+    expected = torch.stack([padded[i, :, dy[i] : dy[i] + 12, dx[i] : dx[i] + 10] for i in range(32)])
+    torch.testing.assert_close(cropped, expected, rtol=0, atol=0)
