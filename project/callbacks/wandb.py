@@ -122,6 +122,10 @@ class WandbPredictionMedia(Callback):
         for logger in wandb_loggers(trainer):
             logger.experiment.log(media)
 
+    @staticmethod
+    def _stage(trainer: Trainer) -> str:
+        return "test" if trainer.testing else "val"
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
 
@@ -134,33 +138,19 @@ class WandbPredictionMedia(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._active(trainer, "val"):
+        if self._active(trainer, self._stage(trainer)):
             self._collect(outputs, batch)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._active(trainer, "val"):
-            self._log(trainer, pl_module, "val")
+        stage = self._stage(trainer)
+        if self._active(trainer, stage):
+            self._log(trainer, pl_module, stage)
         self._reset()
 
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reset()
-
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._active(trainer, "test"):
-            self._collect(outputs, batch)
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._active(trainer, "test"):
-            self._log(trainer, pl_module, "test")
-        self._reset()
+    # test collects and logs the same way; the stage comes from the trainer
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
+    on_test_epoch_end = on_validation_epoch_end
 
 
 def _to_unit_range(image: Tensor) -> Tensor:
