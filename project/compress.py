@@ -10,7 +10,6 @@ with ONNX Runtime on the test split of the run's data module. The report is prin
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import yaml
 from lightning.pytorch.cli import instantiate_class
 
-from project.errors import UserError
+from project.errors import UserError, run_tool
 
 
 def onnx_accuracy(path: Path, loader: Any) -> float:
@@ -85,13 +84,7 @@ def quantize(run_config: str, ckpt_path: str, output_dir: str = "int8", split: s
 
 
 def main(args: list[str] | None = None) -> None:
-    from jsonargparse import auto_cli
-
-    try:
-        auto_cli(quantize, args=args, as_positional=False)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_tool(quantize, args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import inspect
 import os
 import pickle
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,6 +26,18 @@ WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
 
 class UserError(Exception):
     """A problem the user can fix (missing data, bad value). The CLI prints it as one line and exits non-zero."""
+
+
+def run_tool(function: Any, args: Sequence[str] | None = None) -> Any:
+    """``python -m project.<tool>``: ``function``'s arguments from the command line (jsonargparse's ``auto_cli``);
+    a :class:`UserError` ends as one ``error: ...`` line and exit code 2."""
+    from jsonargparse import auto_cli
+
+    try:
+        return auto_cli(function, args=args, as_positional=False)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def split_debug_flag(argv: Sequence[str]) -> tuple[list[str], bool]:

@@ -10,7 +10,6 @@ exported file (ONNX metadata ``class_names``; TorchScript extra file ``class_nam
 
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +19,7 @@ import torch
 from lightning.pytorch.cli import instantiate_class
 from torch import nn
 
-from project.errors import UserError
+from project.errors import UserError, run_tool
 
 Format = Literal["torchscript", "onnx"]
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -141,13 +140,7 @@ def export(
 
 
 def main(args: list[str] | None = None) -> None:
-    from jsonargparse import auto_cli
-
-    try:
-        auto_cli(export, args=args, as_positional=False)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_tool(export, args)
 
 
 if __name__ == "__main__":
