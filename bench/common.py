@@ -1,66 +1,229 @@
-"""Helpers shared by the benchmarks: machine description, interleaved repeats, writing BENCHMARKS.md sections."""
+"""What every benchmark shares: running and timing commands, A B A B interleaving, medians and spreads, verdicts,
+the machine and code measured, and each section's results as JSON under ``bench/results/``.
 
+Kept light (no torch import at module level): the reference loop of time_to_accuracy.py imports it too.
+"""
+
+import argparse
+import datetime
+import json
 import os
 import platform
-import re
+import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+RESULTS = ROOT / "bench" / "results"
+DATA = ROOT / "data"  # Fashion-MNIST, unpacked once by prepare_fashion_mnist()
+if str(ROOT) not in sys.path:  # this checkout's project and tests, before any installed copy
+    sys.path.insert(1, str(ROOT))
 
 
-def machine() -> str:
+# ---- the machine and the code measured -------------------------------------------------------------------------
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def provenance() -> dict[str, Any]:
+    """CPU, cores, GPU, versions, date, git commit and dirtiness (the bench's own outputs excluded)."""
+    import lightning
     import torch
+    import torchvision
 
     cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    commit = git("rev-parse", "--short=10", "HEAD")
+    dirty = git("status", "--porcelain", "--", ".", ":(exclude)bench/results", ":(exclude)BENCHMARKS.md")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit or "unknown",
+        "dirty": bool(dirty) if commit else None,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": round(os.getloadavg()[0], 2),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "lightning": lightning.__version__,
+        },
+    }
+
+
+# ---- running commands -------------------------------------------------------------------------------------------
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of every measured process: the repository first on the path (for ``bench.callbacks``),
+    W&B offline (what it is anyway without credentials; never a network wait)."""
+    path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
+    return {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "offline", **extra}
+
+
+def run_dir() -> Path:
+    """A fresh working folder with ``configs``, ``data`` and ``bench`` linked in, so the CLI runs exactly as in the
+    README (``-c configs/...``, ``data_dir: data``) and its ``runs/`` land outside the repository."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    (folder / "configs").symlink_to(ROOT / "configs")
+    (folder / "data").symlink_to(DATA)
+    (folder / "bench").symlink_to(ROOT / "bench")
+    return folder
+
+
+def timed(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` to its end: wall seconds from just before launch, peak RSS (MiB) and its output."""
+    cwd = cwd or run_dir()
+    with tempfile.TemporaryFile() as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or child_env(), stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if cwd.name.startswith("bench-run-"):
+        shutil.rmtree(cwd, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{text[-3000:]}")
+    return {"wall": wall, "rss_mib": usage.ru_maxrss / 1024, "output": text}
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """End a process started with ``start_new_session=True`` and whatever it started (e.g. W&B's service)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
         pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    proc.wait()
 
 
-def interleave(a: Callable[[], float], b: Callable[[], float], repeats: int) -> tuple[list[float], list[float]]:
-    """Run ``a`` and ``b`` alternately (A B A B ...) so a shared machine's load hits both alike."""
+def append_log(epoch: int, accuracy: float) -> None:
+    """One line ``{"seconds", "epoch", "test_acc"}`` into ``$BENCH_LOG``; seconds since ``$BENCH_LAUNCH``, the
+    ``time.time()`` the runner took just before it launched this process."""
+    seconds = time.time() - float(os.environ["BENCH_LAUNCH"])
+    with open(os.environ["BENCH_LOG"], "a") as f:
+        f.write(json.dumps({"seconds": round(seconds, 3), "epoch": epoch, "test_acc": accuracy}) + "\n")
+
+
+def prepare_fashion_mnist() -> None:
+    """Unpack Fashion-MNIST into ``data/`` once (the data module does it), outside every timing."""
+    code = f"from project.data import FashionMNISTDataModule as D; D(data_dir={str(DATA)!r}).prepare_data()"
+    subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=child_env(), check=True)
+
+
+# ---- repeats, spreads, verdicts ---------------------------------------------------------------------------------
+
+
+def interleave(runs: int, a: Callable[[], Any], b: Callable[[], Any], names: tuple[str, str] = ("A", "B")) -> tuple:
+    """``a`` and ``b`` alternately, ``runs`` times each (A B A B ...), so a machine's drift hits both alike."""
     xs, ys = [], []
-    for _ in range(repeats):
-        xs.append(a())
-        ys.append(b())
+    for i in range(runs):
+        for fn, out, name in ((a, xs, names[0]), (b, ys, names[1])):
+            start = time.perf_counter()
+            out.append(fn())
+            print(f"  {name} run {i + 1}/{runs}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return xs, ys
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, min, max and every run in order."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": list(values)}
 
 
-def timed_command(cmd: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (KiB, from /usr/bin/time -v) and stdout of a command."""
-    start = time.perf_counter()
-    out = subprocess.run(
-        ["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}
+def verdict(a: list[float], b: list[float], goal: float, at_most: bool) -> str:
+    """Is A <= goal x B (``at_most``) or A >= goal x B? ``met`` / ``not met`` only when every run of A is on the
+    same side of goal x every run of B; when the two ranges overlap the spread is wider than the difference and
+    the answer is ``not shown``. An absolute goal is ``b=[1]``."""
+    lo, hi = goal * min(b), goal * max(b)
+    good, bad = (max(a) <= lo, min(a) > hi) if at_most else (min(a) >= hi, max(a) < lo)
+    return "met" if good else "not met" if bad else "not shown"
+
+
+OVERLAP = "the runs of the two sides overlap once one side is scaled by the goal: the spread is wider than the gap"
+
+
+def judged(v: str, why: str = OVERLAP) -> str:
+    """The verdict as printed: ``not shown`` says why."""
+    return f"**{v}**" + (f" ({why})" if v == "not shown" else "")
+
+
+def both(*verdicts: str) -> str:
+    """Several goals that must all hold."""
+    return "not met" if "not met" in verdicts else "met" if all(v == "met" for v in verdicts) else "not shown"
+
+
+def fmt(s: dict[str, Any], spec: str = ".2f", unit: str = "") -> str:
+    """``8.33 s (8.10–8.90)``: median, then min–max."""
+    f = lambda v: "not reached" if v == float("inf") else format(v, spec)  # noqa: E731
+    return f"{f(s['median'])}{unit} ({f(s['min'])}–{f(s['max'])})"
+
+
+def percent(s: dict[str, Any]) -> dict[str, Any]:
+    """A spread of fractions as percentages."""
+    return {k: [x * 100 for x in v] if k == "runs" else v * 100 for k, v in s.items()}
+
+
+def runs_in_order(s: dict[str, Any], spec: str = ".2f") -> str:
+    return ", ".join("not reached" if v == float("inf") else format(v, spec) for v in s["runs"])
+
+
+# ---- one section's script: arguments, results file -----------------------------------------------------------
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the section JSON files")
+    return p
+
+
+def save(name: str, p: argparse.ArgumentParser, args: argparse.Namespace, prov: dict, data: dict, started: float):
+    """Write ``<results>/<name>.json``: the data, how it was made (arguments, whether they are the defaults, the
+    command) and what was measured (machine, versions, commit)."""
+    given = {k: v for k, v in vars(args).items() if k != "results"}
+    changed = {k: v for k, v in given.items() if v != p.get_default(k)}
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}") for k, v in changed.items()]
+    command = " ".join(["python", f"bench/{name}.py", *flags])
+    result = {
+        "section": name,
+        "command": command,
+        "default_args": not changed,
+        "args": given,
+        "provenance": prov,
+        "minutes": round((time.time() - started) / 60, 1),
+        **data,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return result
+
+
+def footer(result: dict) -> str:
+    """The last line of every section: when, on what, how to reproduce, and a warning if not the defaults."""
+    p = result["provenance"]
+    line = (
+        f"Measured {p['date']} on commit `{p['commit']}`{' (tree dirty)' if p['dirty'] else ''}, "
+        f"load average {p['load_average']} at the start, {result['minutes']} min. "
+        f"Reproduce: `python bench/all.py --only {result['section']}` (runs `python bench/{result['section']}.py`)."
     )
-    wall = time.perf_counter() - start
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
-    return wall, rss, out.stdout
-
-
-def write_section(title: str, body: str) -> None:
-    """Replace (or append) the ``## title`` section of BENCHMARKS.md."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text)
-    print(section)
+    if not result["default_args"]:
+        line += f"\n\n**Not the default arguments** (`{result['command']}`): not a published figure."
+    return line

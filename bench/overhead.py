@@ -1,127 +1,189 @@
-"""Overhead and memory: ``fit`` through the CLI vs an identical plain PyTorch loop (same net, data tensors,
-batch size, optimizer, steps) on Fashion-MNIST, each in its own process, interleaved.
+"""Overhead and memory: training steps through ``python -m project fit -c bench/overhead.yaml`` vs the same steps in
+a plain PyTorch loop (same net, optimizer, data tensors, batch size, seed), each a fresh process, interleaved.
 
-Throughput is taken over the training steps after a warm-up (``bench/step_timer.py`` on the CLI side, the same
-clock in the plain loop); whole-process wall time and peak RSS are reported beside it.
+Throughput is steps/s over the steps after a warm-up (``bench.callbacks.StepTimer`` on the CLI side, the same clock
+in the plain loop); peak RSS of each whole process is the Memory section.
 
-    python bench/overhead.py [--steps 400] [--warmup 30] [--repeats 3]
-    python bench/overhead.py --plain --steps 400     # the plain loop alone
+    python bench/overhead.py [--steps 300] [--warmup 30] [--runs 5]
+    python bench/overhead.py --plain --steps 300 --warmup 30     # the plain loop alone
 """
 
-import argparse
-import os
 import re
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import PYTHON, ROOT, interleave, machine, median, timed_command, write_section
+from common import (
+    PYTHON,
+    ROOT,
+    fmt,
+    footer,
+    interleave,
+    judged,
+    parser,
+    prepare_fashion_mnist,
+    provenance,
+    runs_in_order,
+    save,
+    spread,
+    timed,
+    verdict,
+)
 
-sys.path.insert(0, str(ROOT))
-BATCH = 128
+NAME, TITLE, GOAL, MEMORY_GOAL = "overhead", "Overhead", 0.97, 1.5
+CONFIG = Path("bench/overhead.yaml")
+
+
+def cli_command(steps: int, warmup: int) -> str:
+    return (
+        f"python -m project fit -c {CONFIG} --trainer.max_steps {steps} "
+        f"--trainer.callbacks+=bench.callbacks.StepTimer --trainer.callbacks.warmup {warmup}"
+    )
+
+
+def plain_command(steps: int, warmup: int) -> str:
+    return f"python bench/overhead.py --plain --steps {steps} --warmup {warmup}"
+
+
+def training_batches(data_args: dict):
+    """Endless training batches of the tensor path, as the net gets them inside ``fit``: normalized float images.
+    The one place that knows the data module's API."""
+    import torch
+
+    from project.data import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(**data_args)
+    dm.prepare_data()
+    dm.setup("fit")
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (dm.mean, dm.std))
+    while True:
+        for x, y in dm.train_dataloader():
+            if x.dtype == torch.uint8:  # uint8 batches: augmentation (the preset; none here), then what the model does
+                x = dm.augment_batch(x)
+                x = ((x.float() / 255 if x.dtype == torch.uint8 else x) - mean) / std
+            yield x, y
 
 
 def plain(steps: int, warmup: int) -> None:
     import torch
+    import yaml
 
-    from project.data import FashionMNISTDataModule
     from project.models.nets import SmallCNN
 
-    torch.manual_seed(42)
-    dm = FashionMNISTDataModule(data_dir=ROOT / "data", loader="tensor", batch_size=BATCH)
-    dm.prepare_data()
-    dm.setup("fit")
-    net = SmallCNN().to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=0.003, weight_decay=0.05)
+    config = yaml.safe_load((ROOT / CONFIG).read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    torch.manual_seed(config["seed_everything"])
+    batches = training_batches({**data, "data_dir": ROOT / data["data_dir"]})
+    net = SmallCNN(**model["net"]["init_args"]).to(memory_format=torch.channels_last)
+    # as ImageClassifier.parameter_groups: no weight decay on biases and norm weights
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    groups = [{"params": decay}, {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, **model["optimizer"]["init_args"])
     loss_fn = torch.nn.CrossEntropyLoss()
-    done, start = 0, 0.0
-    while done < steps:
-        for x, y in dm.train_dataloader():
-            if done == warmup:
-                start = time.perf_counter()
-            loss = loss_fn(net(x.contiguous(memory_format=torch.channels_last)), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                break
-    print(f"steady_seconds={time.perf_counter() - start:.3f} steady_steps={steps - warmup}")
+    net.train()
+    start = 0.0
+    for step in range(steps):
+        if step == warmup:
+            start = time.perf_counter()
+        x, y = next(batches)
+        loss = loss_fn(net(x.contiguous(memory_format=torch.channels_last)).float(), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print(f"steady_seconds={time.perf_counter() - start:.3f} steady_steps={steps - warmup}", flush=True)
 
 
-def cli_args(steps: int, warmup: int) -> list[str]:
-    return [
-        "-m", "project", "fit", "--config", str(ROOT / "configs" / "fashion_mnist.yaml"),
-        f"--data.init_args.data_dir={ROOT / 'data'}", "--data.init_args.loader=tensor",
-        f"--data.init_args.batch_size={BATCH}", "--model.init_args.scheduler=null", f"--trainer.max_steps={steps}",
-        "--trainer.limit_val_batches=0", "--trainer.logger=false",
-        "--checkpoint.save_top_k=0", "--checkpoint.save_last=false",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false",
-        "--trainer.callbacks+=step_timer.StepTimer", f"--trainer.callbacks.warmup={warmup}",
-    ]  # fmt: skip
-
-
-def steady(stdout: str) -> float:
+def steady(output: str) -> float:
     """Steps per second after the warm-up, from the line the run printed."""
-    seconds, steps = re.search(r"steady_seconds=([\d.]+) steady_steps=(\d+)", stdout).groups()
+    seconds, steps = re.search(r"steady_seconds=([\d.]+) steady_steps=(\d+)", output).groups()
     return int(steps) / float(seconds)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--plain", action="store_true", help="run the plain loop alone")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--plain", action="store_true", help="run the plain loop alone")
+    args = p.parse_args()
     if args.plain:
         return plain(args.steps, args.warmup)
-    cli = [PYTHON, *cli_args(args.steps, args.warmup)]
-    loop = [PYTHON, __file__, "--plain", "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
-    # each CLI run in a fresh folder: it saves its config.yaml there
-    a, b = interleave(
-        lambda: timed_command(cli, env=env, cwd=Path(tempfile.mkdtemp())), lambda: timed_command(loop), args.repeats
-    )
-    cli_rates, loop_rates = [steady(o) for *_, o in a], [steady(o) for *_, o in b]
-    cli_rate, loop_rate = median(cli_rates), median(loop_rates)
-    cli_wall, loop_wall = median([w for w, *_ in a]), median([w for w, *_ in b])
-    cli_rss, loop_rss = median([r for _, r, _ in a]) / 1024, median([r for _, r, _ in b]) / 1024
-    ratio, rss_ratio = cli_rate / loop_rate, cli_rss / loop_rss
-    where = f"Machine: {machine()}."
-    write_section(
-        "Overhead",
-        f"""
-{args.steps} optimizer steps of SmallCNN (width 32) on Fashion-MNIST (tensor data path, batch {BATCH}, AdamW,
-channels_last, no validation, no logger, no checkpoint) through `python -m project fit` vs the same steps in a
-plain PyTorch loop (`bench/overhead.py --plain`). Throughput over the steps after the first {args.warmup};
-whole processes timed too (start-up included). Interleaved, {args.repeats} runs each, medians. {where}
-The CLI side also does what the template adds to every step: train accuracy/F1 metrics and loss logging.
+    started, prov = time.time(), provenance()
+    prepare_fashion_mnist()
+    cli = [PYTHON, *cli_command(args.steps, args.warmup).split()[1:]]
+    loop = [PYTHON, *plain_command(args.steps, args.warmup).split()[1:]]
+    a, b = interleave(args.runs, lambda: timed(cli), lambda: timed(loop), ("cli", "plain"))
+    data = {
+        side: {key: spread([f(run) for run in runs]) for key, f in FIGURES.items()}
+        for side, runs in (("cli", a), ("plain", b))
+    }
+    result = save(NAME, p, args, prov, data, started)
+    print(render(result), render_memory(result))
 
-| side | steps/s (steady), median | each run, in order | median wall, whole process (s) |
+
+FIGURES = {
+    "steps_per_s": lambda run: steady(run["output"]),
+    "wall": lambda run: run["wall"],
+    "rss": lambda run: run["rss_mib"],
+}
+
+
+def judge(r: dict) -> str:
+    return verdict(r["cli"]["steps_per_s"]["runs"], r["plain"]["steps_per_s"]["runs"], GOAL, at_most=False)
+
+
+def judge_memory(r: dict) -> str:
+    return verdict(r["cli"]["rss"]["runs"], r["plain"]["rss"]["runs"], MEMORY_GOAL, at_most=True)
+
+
+def ratio(r: dict, key: str) -> float:
+    return r["cli"][key]["median"] / r["plain"][key]["median"]
+
+
+def summary(r: dict) -> tuple[str, str, str]:
+    return f"fit / plain loop, steady steps/s >= {GOAL}", f"{ratio(r, 'steps_per_s'):.3f}", judge(r)
+
+
+def summary_memory(r: dict) -> tuple[str, str, str]:
+    return f"fit / plain loop, peak RSS <= {MEMORY_GOAL}x", f"{ratio(r, 'rss'):.2f}x", judge_memory(r)
+
+
+def render(r: dict) -> str:
+    a = r["args"]
+    cli, plain_ = r["cli"], r["plain"]
+    return f"""
+{a["steps"]} training steps of SmallCNN (width 32) on Fashion-MNIST, CPU, batch 128, AdamW, channels_last, tensor data
+path, no validation, logger or checkpoint (`{CONFIG}`): `{cli_command(a["steps"], a["warmup"])}` vs
+the same steps in a plain PyTorch loop, `{plain_command(a["steps"], a["warmup"])}` (same net, optimizer with the
+same parameter groups, batches and seed). The CLI side also does what the template adds to every step: train
+accuracy/F1 metrics and loss logging. Throughput over the steps after the first {a["warmup"]}; whole processes
+timed too (start-up included). Interleaved, {a["runs"]} runs each, each a fresh process: median (min–max).
+
+| side | steps/s after warm-up | each run, in order | wall, whole process (s) |
 |---|---|---|---|
-| CLI `fit` | {cli_rate:.2f} | {", ".join(f"{r:.2f}" for r in cli_rates)} | {cli_wall:.1f} |
-| plain loop | {loop_rate:.2f} | {", ".join(f"{r:.2f}" for r in loop_rates)} | {loop_wall:.1f} |
+| CLI `fit` | {fmt(cli["steps_per_s"])} | {runs_in_order(cli["steps_per_s"])} | {fmt(cli["wall"], ".1f")} |
+| plain loop | {fmt(plain_["steps_per_s"])} | {runs_in_order(plain_["steps_per_s"])} | {fmt(plain_["wall"], ".1f")} |
 
-**Throughput ratio (CLI / plain) {ratio:.3f}** (goal >= 0.97: {"met" if ratio >= 0.97 else "not met"}).
-Whole-process ratio (plain wall / CLI wall): {loop_wall / cli_wall:.2f}. Reproduce: `python bench/overhead.py`.
-""",
-    )
-    write_section(
-        "Memory",
-        f"""
-Peak RSS (`/usr/bin/time -v`) of the same two processes as in Overhead. {where}
+**Throughput ratio (CLI / plain) {ratio(r, "steps_per_s"):.3f}** (goal >= {GOAL}: {judged(judge(r))}).
+Whole-process wall ratio (CLI / plain): {ratio(r, "wall"):.2f}.
 
-| side | median peak RSS (MiB) |
-|---|---|
-| CLI `fit` | {cli_rss:.0f} |
-| plain loop | {loop_rss:.0f} |
+{footer(r)}
+"""
 
-**Ratio {rss_ratio:.2f}x** (goal <= 1.5x: {"met" if rss_ratio <= 1.5 else "not met"}).
-Reproduce: `python bench/overhead.py`.
-""",
-    )
+
+def render_memory(r: dict) -> str:
+    cli, plain_ = r["cli"]["rss"], r["plain"]["rss"]
+    return f"""
+Peak RSS (the kernel's `ru_maxrss` of each process) of the same runs as in Overhead: median (min–max).
+
+| side | peak RSS (MiB) | each run, in order |
+|---|---|---|
+| CLI `fit` | {fmt(cli, ".0f")} | {runs_in_order(cli, ".0f")} |
+| plain loop | {fmt(plain_, ".0f")} | {runs_in_order(plain_, ".0f")} |
+
+**Ratio {ratio(r, "rss"):.2f}x** (goal <= {MEMORY_GOAL}x: {judged(judge_memory(r))}).
+
+{footer(r)}
+"""
 
 
 if __name__ == "__main__":

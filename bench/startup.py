@@ -1,35 +1,61 @@
-"""Start-up: wall time of ``python -m project fit --help`` vs a bare ``import lightning.pytorch, torchvision``.
+"""Start-up: wall time of ``python -m project fit --help`` vs a bare ``import lightning.pytorch, torchvision``,
+each a fresh process, interleaved.
 
-python bench/startup.py [--repeats 7]
+    python bench/startup.py [--runs 7]
 """
 
-import argparse
+import time
 
-from common import PYTHON, interleave, machine, median, timed_command, write_section
+from common import (
+    PYTHON,
+    fmt,
+    footer,
+    interleave,
+    judged,
+    parser,
+    provenance,
+    runs_in_order,
+    save,
+    spread,
+    timed,
+    verdict,
+)
+
+NAME, TITLE, GOAL = "startup", "Start-up", 1.1
+CLI = "python -m project fit --help"
+BARE = 'python -c "import lightning.pytorch, torchvision"'
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    cli = [PYTHON, "-m", "project", "fit", "--help"]
-    bare = [PYTHON, "-c", "import lightning.pytorch, torchvision"]
-    a, b = interleave(lambda: timed_command(cli)[0], lambda: timed_command(bare)[0], args.repeats)
-    ratio = median(a) / median(b)
-    write_section(
-        "Start-up",
-        f"""
-`{" ".join(["python", *cli[1:]])}` vs `python -c "import lightning.pytorch, torchvision"`, interleaved,
-{args.repeats} runs each, medians. Machine: {machine()}.
-
-| command | median wall (s) |
-|---|---|
-| `python -m project fit --help` | {median(a):.2f} |
-| bare imports | {median(b):.2f} |
-
-**Ratio {ratio:.2f}x** (goal <= 1.3x: {"met" if ratio <= 1.3 else "not met"}). Reproduce: `python bench/startup.py`.
-""",
+    p = parser(__doc__)
+    p.add_argument("--runs", type=int, default=7)
+    args = p.parse_args()
+    started, prov = time.time(), provenance()
+    cli, bare = interleave(
+        args.runs,
+        lambda: timed([PYTHON, "-m", "project", "fit", "--help"])["wall"],
+        lambda: timed([PYTHON, "-c", "import lightning.pytorch, torchvision"])["wall"],
+        ("cli", "bare"),
     )
+    print(render(save(NAME, p, args, prov, {"cli": spread(cli), "bare": spread(bare)}, started)))
+
+
+def render(r: dict) -> str:
+    cli, bare = r["cli"], r["bare"]
+    v = verdict(cli["runs"], bare["runs"], GOAL, at_most=True)
+    return f"""
+`{CLI}` vs `{BARE}`, each a fresh process, interleaved, {r["args"]["runs"]} runs each: median wall seconds
+(min–max).
+
+| command | wall (s) | each run, in order |
+|---|---|---|
+| `{CLI}` | {fmt(cli)} | {runs_in_order(cli)} |
+| bare imports | {fmt(bare)} | {runs_in_order(bare)} |
+
+**Ratio {cli["median"] / bare["median"]:.2f}x** (goal <= {GOAL}x: {judged(v)}).
+
+{footer(r)}
+"""
 
 
 if __name__ == "__main__":

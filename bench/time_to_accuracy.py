@@ -1,29 +1,50 @@
 """Time to accuracy on Fashion-MNIST: ``configs/experiment/fashion_mnist_fast.yaml`` through the CLI vs the
-pytorch/examples MNIST recipe as a plain loop, both timed from process start to the first test evaluation at
->= the target accuracy. Each side in its own process, interleaved.
+pytorch/examples MNIST recipe as a plain loop, under one stop rule: the test set is evaluated after every training
+epoch, and a run's time is from process launch to the end of the first epoch at >= 91% test accuracy (the run is
+then stopped). Both sides are fresh processes (start-up included), data unpacked beforehand, runs alternating.
 
-    python bench/time_to_accuracy.py [--repeats 2] [--target 0.91]
-    python bench/time_to_accuracy.py --reference     # the reference loop alone; prints one line per epoch
+    python bench/time_to_accuracy.py [--runs 3] [--target 0.91]
+    python bench/time_to_accuracy.py --reference     # the reference loop alone (BENCH_LOG, BENCH_LAUNCH: see below)
 """
 
-import argparse
-import csv
+import json
+import shlex
+import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import PYTHON, ROOT, machine, median, write_section
+from common import (
+    DATA,
+    OVERLAP,
+    PYTHON,
+    append_log,
+    child_env,
+    fmt,
+    footer,
+    judged,
+    kill_group,
+    parser,
+    prepare_fashion_mnist,
+    provenance,
+    run_dir,
+    save,
+    spread,
+    verdict,
+)
 
-sys.path.insert(0, str(ROOT))
-DATA = ROOT / "data"
-RECIPE = ROOT / "configs" / "experiment" / "fashion_mnist_fast.yaml"
+NAME, TITLE, GOAL = "time_to_accuracy", "Time to accuracy", 0.15
+RECIPE = "python -m project fit -c configs/experiment/fashion_mnist_fast.yaml"
+TEMPLATE = f"{RECIPE} --trainer.callbacks+=bench.callbacks.TestAccuracyLog"
+REFERENCE = "python bench/time_to_accuracy.py --reference"
+INF = float("inf")
 
 
-def reference(epochs: int) -> None:
-    """pytorch/examples ``mnist/main.py`` defaults, on Fashion-MNIST: per-sample ToTensor + Normalize, batch 64,
-    Adadelta lr 1.0, StepLR gamma 0.7 per epoch, test set evaluated after every epoch (batch 1000)."""
+def reference(epochs: int, limit_batches: int) -> None:
+    """pytorch/examples ``mnist/main.py`` defaults on Fashion-MNIST: per-sample ToTensor + Normalize, batch 64,
+    Adadelta lr 1.0, StepLR gamma 0.7 per epoch; the test set evaluated after every epoch (batch 1000), its
+    accuracy appended to ``$BENCH_LOG`` with the seconds since ``$BENCH_LAUNCH``."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -55,7 +76,9 @@ def reference(epochs: int) -> None:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     for epoch in range(1, epochs + 1):
         model.train()
-        for x, y in train_loader:
+        for i, (x, y) in enumerate(train_loader):
+            if i == limit_batches:
+                break
             optimizer.zero_grad()
             F.nll_loss(model(x), y).backward()
             optimizer.step()
@@ -63,93 +86,147 @@ def reference(epochs: int) -> None:
         model.eval()
         with torch.no_grad():
             correct = sum((model(x).argmax(1) == y).sum().item() for x, y in test_loader)
-        print(f"epoch={epoch} wall={time.time():.3f} test_acc={correct / len(test):.4f}", flush=True)
+        append_log(epoch, correct / len(test))
 
 
-def run_reference(epochs: int, target: float) -> tuple[float | None, float, int]:
-    """Seconds from launch to the first epoch at >= target (None if never), the best accuracy, its epoch."""
-    start = time.time()
-    proc = subprocess.Popen(
-        [PYTHON, __file__, "--reference", "--epochs", str(epochs)], stdout=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    best, best_epoch = 0.0, 0
-    for line in proc.stdout:
-        fields = dict(item.split("=") for item in line.split())
-        acc = float(fields["test_acc"])
-        if acc > best:
-            best, best_epoch = acc, int(fields["epoch"])
-        if acc >= target:
-            proc.kill()
-            proc.wait()
-            return float(fields["wall"]) - start, acc, int(fields["epoch"])
-    if proc.wait() != 0:
-        raise RuntimeError("reference loop failed")
-    return None, best, best_epoch
+def read_log(path: Path) -> list[dict]:
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []  # complete lines only
+    return [json.loads(line) for line in lines]
 
 
-def run_recipe() -> tuple[float, float]:
-    """Seconds from launch to exit of the recipe's ``fit`` (which ends with its test), and its test accuracy."""
-    workdir = Path(tempfile.mkdtemp(prefix="bench-tta-"))
-    cmd = [
-        PYTHON, "-m", "project", "fit", "--config", str(RECIPE), f"--data.init_args.data_dir={DATA}",
-        "--config", str(ROOT / "configs" / "logger" / "csv.yaml"), "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
-    start = time.time()
-    subprocess.run(cmd, cwd=workdir, check=True, capture_output=True)
-    wall = time.time() - start
-    (metrics,) = workdir.glob("runs/**/metrics.csv")
-    rows = [r for r in csv.DictReader(metrics.open()) if r.get("test/acc")]
-    return wall, float(rows[-1]["test/acc"])
+def until_target(command: str, cwd: Path, target: float) -> dict:
+    """Launch ``command``; stop it at the end of the first epoch at >= target (or let it end). Its epochs, and
+    the seconds from launch to that epoch (inf: never reached)."""
+    log = Path(tempfile.mkdtemp(prefix="bench-tta-")) / "epochs.jsonl"
+    env = child_env(BENCH_LOG=str(log))
+    with tempfile.TemporaryFile() as out:
+        env["BENCH_LAUNCH"] = repr(time.time())
+        proc = subprocess.Popen(
+            [PYTHON, *shlex.split(command)[1:]], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            while proc.poll() is None and not any(e["test_acc"] >= target for e in read_log(log)):
+                time.sleep(0.5)
+        finally:
+            kill_group(proc)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    epochs = read_log(log)
+    hit = next((e for e in epochs if e["test_acc"] >= target), None)
+    if hit is None and proc.returncode != 0:
+        raise RuntimeError(f"{command} exited with {proc.returncode}:\n{text[-3000:]}")
+    return {"epochs": epochs, "seconds": hit["seconds"] if hit else INF, "epoch": hit["epoch"] if hit else None}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--target", type=float, default=0.91)
-    parser.add_argument("--epochs", type=int, default=14, help="reference epochs at most (pytorch/examples: 14)")
-    parser.add_argument("--reference", action="store_true", help="run the reference loop alone")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--target", type=float, default=0.91)
+    p.add_argument("--extra", default="", help="more CLI arguments for the template side (trying out only)")
+    p.add_argument("--epochs", type=int, default=14, help="reference: epochs at most (pytorch/examples: 14)")
+    p.add_argument("--limit-batches", type=int, default=-1, help="reference: batches per epoch at most (trying out)")
+    p.add_argument("--reference", action="store_true", help="run the reference loop alone")
+    args = p.parse_args()
     if args.reference:
-        return reference(args.epochs)
-    from project.data import FashionMNISTDataModule
+        return reference(args.epochs, args.limit_batches)
+    started, prov = time.time(), provenance()
+    prepare_fashion_mnist()
+    template_cmd = f"{TEMPLATE} {args.extra}".strip()
+    reference_cmd = f"{REFERENCE} --epochs {args.epochs} --limit-batches {args.limit_batches}"
+    template, ref = [], []
+    for i in range(args.runs):
+        for side, name, command in ((template, "template", template_cmd), (ref, "reference", reference_cmd)):
+            folder = run_dir()
+            side.append(until_target(command, folder, args.target))
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"  {name} run {i + 1}: {side[-1]['seconds']:.1f} s, epoch {side[-1]['epoch']}", flush=True)
+    data = {
+        "template": {**spread([r["seconds"] for r in template]), "each": template},
+        "reference": {**spread([r["seconds"] for r in ref]), "each": ref},
+        "plot": f"{NAME}.png",
+    }
+    result = save(NAME, p, args, prov, data, started)
+    plot(result, args.results / data["plot"])
+    print(render(result))
 
-    FashionMNISTDataModule(data_dir=DATA).prepare_data()  # unpack once, outside both timings
-    recipe, ref = [], []
-    for _ in range(args.repeats):
-        recipe.append(run_recipe())
-        ref.append(run_reference(args.epochs, args.target))
-        print("recipe (s, acc):", recipe[-1], "reference (s, acc, epoch):", ref[-1], flush=True)
-    recipe_ok = [w for w, acc in recipe if acc >= args.target]
-    ref_ok = [w for w, _, _ in ref if w is not None]
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for side, color, label in (("template", "C0", "template recipe (CLI)"), ("reference", "C1", "reference loop")):
+        for i, run in enumerate(r[side]["each"]):
+            xs, ys = [e["seconds"] for e in run["epochs"]], [e["test_acc"] * 100 for e in run["epochs"]]
+            ax.plot(xs, ys, color=color, lw=0.8, marker=".", ms=4, label=label if i == 0 else None)
+    ax.axhline(r["args"]["target"] * 100, color="grey", lw=0.6, ls="--")
+    ax.set(xlabel="seconds since launch", ylabel="test accuracy (%)", xlim=(0, None))
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def reached(r: dict) -> bool:
+    return INF not in r["template"]["runs"] + r["reference"]["runs"]
+
+
+def judge(r: dict) -> str:
+    template, ref = r["template"]["runs"], r["reference"]["runs"]
+    if not reached(r):  # only a template that never gets there while the reference always does is a verdict
+        return "not met" if INF not in ref and all(t == INF for t in template) else "not shown"
+    return verdict(template, ref, GOAL, at_most=True)
+
+
+def ratio(r: dict) -> str:
+    return f"{r['template']['median'] / r['reference']['median']:.3f}x" if reached(r) else "target missed"
+
+
+def summary(r: dict) -> tuple[str, str, str]:
+    return f"time to {r['args']['target']:.0%}: template / reference <= {GOAL}x", ratio(r), judge(r)
+
+
+def render(r: dict) -> str:
+    target = r["args"]["target"]
+
+    def cell(run: dict) -> str:
+        if run["epoch"] is None:
+            best = max(run["epochs"], key=lambda e: e["test_acc"], default={"test_acc": 0, "epoch": 0})
+            return f"not reached in {len(run['epochs'])} epochs (best {best['test_acc']:.2%})"
+        hit = next(e for e in run["epochs"] if e["epoch"] == run["epoch"])
+        return f"{run['seconds']:.1f} s (epoch {run['epoch']}, {hit['test_acc']:.2%})"
+
     rows = "\n".join(
-        f"| {i + 1} | {w:.1f} s, {acc:.2%} | "
-        + (f"{rw:.1f} s, {racc:.2%} at epoch {ep}" if rw is not None else f"not reached in {args.epochs} epochs "
-           f"(best {racc:.2%} at epoch {ep})")
-        + " |"
-        for i, ((w, acc), (rw, racc, ep)) in enumerate(zip(recipe, ref, strict=True))
-    )  # fmt: skip
-    if len(recipe_ok) == len(recipe) and len(ref_ok) == len(ref):
-        ratio = median(recipe_ok) / median(ref_ok)
-        verdict = f"**Ratio {ratio:.3f}x** (goal <= 0.2x: {'met' if ratio <= 0.2 else 'not met'})."
-    else:
-        verdict = "**No ratio**: a side did not reach the target in every run (see the table)."
-    write_section(
-        "Time to accuracy",
-        f"""
-`python -m project fit --config configs/experiment/fashion_mnist_fast.yaml` (its test runs after the last epoch
-on the best checkpoint; timed from launch to exit) vs the pytorch/examples MNIST recipe as a plain loop on
-Fashion-MNIST (`bench/time_to_accuracy.py --reference`: conv 32 -> conv 64 -> max-pool -> dropout 0.25 -> FC 128
--> dropout 0.5 -> FC 10, Adadelta lr 1.0, StepLR gamma 0.7 per epoch, batch 64, per-sample ToTensor + Normalize,
-test set evaluated after every epoch; timed from launch to the first epoch at >= {args.target:.0%} test accuracy).
-Data unpacked beforehand for both. Interleaved, {args.repeats} runs each, medians. Machine: {machine()}.
+        f"| {i + 1} | {cell(a)} | {cell(b)} |"
+        for i, (a, b) in enumerate(zip(r["template"]["each"], r["reference"]["each"], strict=True))
+    )
+    extra = f" {r['args']['extra']}" if r["args"]["extra"] else ""
+    ratio_text = f"**Ratio {ratio(r)}**" if reached(r) else "**No ratio**: not every run reached the target"
+    why = OVERLAP if reached(r) else "some runs missed the target"
+    image = f"\n![test accuracy vs seconds since launch]({r['plot']})\n" if r.get("plot") else ""
+    return f"""
+Template: `{TEMPLATE}{extra}` (the fast recipe through the real CLI; the bench-only callback
+`bench/callbacks.py` `TestAccuracyLog` evaluates the whole test set after every training epoch). Reference:
+`{REFERENCE}`, the pytorch/examples MNIST recipe as a plain loop on Fashion-MNIST (conv 32 -> conv 64 -> max-pool ->
+dropout 0.25 -> FC 128 -> dropout 0.5 -> FC 10, Adadelta lr 1.0, StepLR gamma 0.7 per epoch, batch 64, per-sample
+ToTensor + Normalize, at most {r["args"]["epochs"]} epochs), the test set evaluated after every epoch. Same stop rule on
+both sides: time from process launch (start-up included) to the end of the first epoch whose test accuracy is >=
+{target:.0%}, evaluation included; the run is then stopped. Data unpacked beforehand for both. Alternating,
+{r["args"]["runs"]} runs each.
 
 | run | template recipe | reference loop |
 |---|---|---|
 {rows}
+| median (min–max), s | {fmt(r["template"], ".1f")} | {fmt(r["reference"], ".1f")} |
 
-{verdict} Reproduce: `python bench/time_to_accuracy.py`.
-""",
-    )
+{ratio_text} (goal <= {GOAL}x: {judged(judge(r), why)}).
+{image}
+{footer(r)}
+"""
 
 
 if __name__ == "__main__":

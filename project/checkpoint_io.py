@@ -1,24 +1,34 @@
-"""Checkpoint files that are safe to write and safe to read.
+"""Checkpoint files that are safe to write and safe to read; the CLI hands this to ``Trainer(plugins=[...])``.
 
-- Written to a temporary name in the same folder, flushed to disk, then renamed: a kill or a full disk never
-  leaves a truncated file under the real name, and the previous file of that name stays until the new one is whole.
-- Always read with ``weights_only=True``: a checkpoint is data, loading one never runs code from it (whatever
-  ``--weights_only`` or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say).
+- Written to a temporary name in the same folder, fsynced, then renamed: a kill, a power cut or a full disk never
+  leaves a truncated file under the real name (Lightning's own save renames too, but does not fsync first).
+- Never written with non-finite weights: NaN/inf weights stop the run instead of replacing a good checkpoint.
+- Always read with ``weights_only=True``: loading a checkpoint never runs code from it, whatever
+  ``--weights_only`` or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say.
 """
 
 import os
-from collections.abc import Callable
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from project.errors import UserError, describe_checkpoint_error
+from project.errors import UserError
+
+
+def non_finite(state_dict: dict[str, Any]) -> list[str]:
+    return [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
+    def __init__(self, mmap: bool = False) -> None:
+        self.mmap = mmap
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if bad := non_finite(checkpoint.get("state_dict", {})):
+            raise UserError(f"refused to write {path}: weights {', '.join(bad[:3])} are not finite (NaN/inf)")
         if "://" in str(path):  # remote storage: Lightning's fsspec transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
@@ -32,33 +42,34 @@ class SafeCheckpointIO(TorchCheckpointIO):
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
-        fsync_dir(path.parent)
-        return None
-
-    def load_checkpoint(
-        self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
-    ) -> dict[str, Any]:
+        folder = os.open(path.parent, os.O_RDONLY)
         try:
+            os.fsync(folder)  # the rename itself
+        finally:
+            os.close(folder)
+
+    def load_checkpoint(self, path: Any, map_location: Any = "cpu", weights_only: bool | None = None) -> dict:
+        if not os.path.isfile(path) and "://" not in str(path):
+            raise UserError(f"checkpoint not found: {path}")
+        try:
+            if self.mmap:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError as err:
-            raise UserError(f"checkpoint not found: {path}") from err
-        except Exception as err:
-            raise UserError(describe_checkpoint_error(path, err)) from err
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" not in str(err):
+                raise UserError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:100]})") from err
+            raise UserError(
+                f"refused to load {path}: it contains Python objects, not just weights, and loading it could run "
+                f"code; only load checkpoints you trust, re-saved as plain data"
+            ) from err
+        except (RuntimeError, EOFError, ValueError, OSError) as err:
+            raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); pass a .ckpt from fit") from err
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load`` as every checkpoint in this project is read: plain data only, one-line error otherwise."""
-    return SafeCheckpointIO().load_checkpoint(path, map_location="cpu")
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint as plain data (weights-only, on the CPU; ``mmap``: tensors read lazily); one-line error for a
+    missing, damaged or hostile file."""
+    checkpoint = SafeCheckpointIO(mmap).load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by fit")
+    return checkpoint

@@ -1,110 +1,146 @@
 """The command line: ``python -m project fit|validate|test|predict --config ...``, a LightningCLI."""
 
+import logging
+import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO
 
-from project import errors
-from project.callbacks.checkpoint import ModelCheckpoint, last_checkpoint_of_run
 from project.callbacks.interrupt import GracefulInterrupt
-from project.callbacks.nan_guard import EmptyEpochCheck, NonFiniteLossGuard
+from project.callbacks.nan_guard import NonFiniteGuard
 from project.callbacks.prediction_writer import PredictionWriter
-from project.callbacks.rng import RNGStateCheckpoint
+from project.callbacks.rng import RNGState
 from project.callbacks.wandb import WandbPredictionMedia, WandbWatch
 from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.data.base import ImageDataModule
-from project.errors import UserError
-from project.loggers import LearningRateMonitor, SaveConfigCallback, close_loggers
+from project.errors import UserError, did_you_mean, exit_on_user_error, parse_error, require
+from project.loggers import SaveConfigCallback, WandbLogger
 from project.models.classifier import ImageClassifier
 
-RUNS_DIR = "runs"
+LINKS = [  # the data decides these; they are never typed twice
+    ("data.num_classes", "model.init_args.num_classes"),
+    ("data.class_names", "model.init_args.class_names"),
+    ("data.image_shape", "model.init_args.image_shape"),
+    ("data.mean", "model.init_args.mean"),
+    ("data.std", "model.init_args.std"),
+    ("data.num_classes", "model.init_args.net.init_args.num_classes"),
+    ("data.image_shape", "model.init_args.net.init_args.input_shape"),
+]
+
+
+class ArgumentParser(LightningArgumentParser):
+    """jsonargparse's parser, but a bad argument raises a one-line :class:`UserError` instead of usage + exit."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error:  # jsonargparse trying a type internally: keep its behaviour
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        raise UserError(parse_error(message, ["--" + key for key in parser.get_defaults().keys()])) from ex
 
 
 class CLI(LightningCLI):
-    """LightningCLI with the data's shape and classes linked into the model, and a checkpoint callback built in."""
+    """LightningCLI with the data's classes, shape and statistics linked into the model, best and last checkpoints,
+    run folders under ``trainer.default_root_dir``, and checks of every input before any work starts."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for source, target in [
-            ("data.num_classes", "model.init_args.num_classes"),
-            ("data.class_names", "model.init_args.class_names"),
-            ("data.num_classes", "model.init_args.net.init_args.num_classes"),
-            ("data.image_shape", "model.init_args.net.init_args.input_shape"),
-        ]:
+        for source, target in LINKS:
             parser.link_arguments(source, target, apply_on="instantiate")
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
         # Accepted by every subcommand, so a fit run's saved config.yaml works for validate/test/predict as is.
-        parser.add_argument(
-            "--test_after_fit", type=bool, default=False, help="fit only: then test the best checkpoint on the test set"
-        )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_argument("--test_after_fit", type=bool, default=False, help="fit: then test the best checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best by val/acc
+        # last.ckpt after every epoch, as the checkpoint with the highest step: Lightning refreshes a monitored
+        # ModelCheckpoint's save_last only on a new best
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.auto_insert_metric_name": False,
+            "checkpoint.filename": "epoch={epoch:03d}-val_acc={val/acc:.4f}",
+            "last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False,
+            "last_checkpoint.monitor": "step", "last_checkpoint.mode": "max",
+        })  # fmt: skip
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")  # predict: predictions.csv
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "epoch={epoch:03d}-val_acc={val/acc:.4f}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
-        # Logged by whichever logger is configured (configs/logger/*.yaml); the W&B ones do nothing without W&B.
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.add_lightning_class_args(WandbWatch, "wandb_watch")
+        parser.add_class_arguments(LearningRateMonitor, "lr_monitor")  # added to the trainer when it has a logger
+        parser.add_lightning_class_args(WandbWatch, "wandb_watch")  # these two do nothing without W&B
         parser.add_lightning_class_args(WandbPredictionMedia, "wandb_media")
 
-    def after_fit(self) -> None:
-        if self.config.fit.test_after_fit and not self.trainer.interrupted:
-            ckpt_path = "best" if self.trainer.checkpoint_callback and not self.trainer.fast_dev_run else None
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            super()._run_subcommand(subcommand)
-        finally:
-            close_loggers(self.trainer)  # one W&B run per command, finished before the next one starts
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":  # a new process writes into a new folder: find the last.ckpt of the run given
+            config.ckpt_path = last_checkpoint_of_run(config.get("config") or [])
+        elif ckpt_path and ckpt_path not in ("best", "hpc", "registry") and "://" not in str(ckpt_path):
+            # Lightning reads the model's config from this file next: make sure it is one of ours
+            if not Path(ckpt_path).is_file():
+                near = [str(p) for p in Path(ckpt_path).parent.glob("*.ckpt")] if Path(ckpt_path).parent.is_dir() else []
+                raise UserError(f"--ckpt_path {ckpt_path}: no such file{did_you_mean(str(ckpt_path), near)}")
+            hparams = load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters", {})
+            require(
+                isinstance(hparams.get("net"), dict),
+                f"--ckpt_path {ckpt_path} comes from another model (hyperparameters: {', '.join(map(str, hparams))}); "
+                f"pass a checkpoint written by this project's fit",
+            )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        logger = config.trainer.logger
-        for entry in logger if isinstance(logger, list) else [logger]:
-            init_args = getattr(entry, "init_args", None)
-            if init_args is not None and "name" in init_args and not init_args.name:
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        for init_args in [getattr(logger, "init_args", None) or Namespace() for logger in loggers]:
+            if "name" in init_args and not init_args.name:
                 init_args.name = run_name(config.data.class_path)
-        if config.get("ckpt_path") == "last":
-            config.ckpt_path = last_checkpoint_of_run(config.get("config") or [], config.checkpoint.dirpath)
-        errors.check_run_folder_is_new(logger)
+            if init_args.get("version") is not None:  # CSV/TensorBoard would write into (or over) that folder
+                folder = Path(init_args.get("save_dir") or ".") / (init_args.get("name") or "") / str(init_args.version)
+                version = folder if folder.name.startswith("version_") else folder.parent / f"version_{folder.name}"
+                require(
+                    not (version.is_dir() and any(version.iterdir())),
+                    f"{version} holds an earlier run and is never overwritten; leave the logger's version unset",
+                )
+        for flag, path in [("--trainer.default_root_dir", config.trainer.default_root_dir),
+                           ("--checkpoint.dirpath", config.checkpoint.dirpath),
+                           ("--last_checkpoint.dirpath", config.last_checkpoint.dirpath),
+                           ("--prediction_writer.output_dir", config.prediction_writer.output_dir)]:  # fmt: skip
+            require(not path or writable(Path(path)), f"cannot write to {path}: set {flag} to a writable folder")
+        # Lightning's hparams dump drops a net's init_args when all of them are linked (num_classes, input_shape),
+        # then fails to fill the links in ("Expected key net.init_args.num_classes to be in data"): keep it a dict.
+        dump = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+        self.config_dump = dump[self.subcommand] if self.subcommand else dump
+        if isinstance(self.config_dump["model"].get("init_args", {}).get("net"), dict):
+            self.config_dump["model"]["init_args"]["net"].setdefault("init_args", {})
 
-    def after_instantiate_classes(self) -> None:
-        install_safe_checkpoint_io(self.trainer)
-        if self.datamodule is not None:
-            errors.guard_data_reading(self.datamodule)
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config["trainer"]
+        # safe checkpoint IO (atomic, finite, weights-only) unless the user brought their own
+        plugins = trainer.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins = [*plugins, SafeCheckpointIO()]
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("logger") is not False:  # Lightning's LearningRateMonitor fails without a logger
+            callbacks = [*callbacks, config["lr_monitor"]]
+        return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
 
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads the model's config from --ckpt_path: refuse a missing, foreign or hostile file first."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        errors.check_checkpoint_path(ckpt_path)
-        if ckpt_path and Path(ckpt_path).is_file():
-            checkpoint = load_checkpoint(ckpt_path)
-            if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-                raise UserError(f"{ckpt_path} is not a Lightning checkpoint (no state_dict); pass a .ckpt from fit")
-        try:
-            super()._parse_ckpt_path()
-        except UserError as err:
-            raise UserError(
-                f"--ckpt_path {ckpt_path} comes from another model: {err}; pass a checkpoint of this project's fit"
-            ) from err
+    def after_fit(self) -> None:
+        if self.config.fit.test_after_fit and not self.trainer.interrupted:
+            best = self.config_init.fit.checkpoint.best_model_path  # none in a fast_dev_run
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
-def install_safe_checkpoint_io(trainer: Trainer) -> None:
-    """Atomic writes and weights-only reads for every checkpoint, unless the user configured their own IO."""
-    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-        trainer.strategy.checkpoint_io = SafeCheckpointIO()
+def writable(path: Path) -> bool:
+    """Whether ``path`` is or could be made a folder we can write into (nothing is created)."""
+    while not path.exists():
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK)
 
 
 def run_name(data_class_path: str) -> str:
@@ -113,46 +149,62 @@ def run_name(data_class_path: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
-def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
-    """Entry point of ``python -m project`` and the ``project`` script; tests call it in-process with ``args``.
+def last_checkpoint_of_run(config_files: Sequence[Any]) -> str:
+    """The ``checkpoints/last.ckpt`` next to the run's saved ``config.yaml`` among ``config_files`` (the last wins):
+    ``python -m project fit -c runs/mnist/version_0/config.yaml --ckpt_path last``."""
+    paths = [Path(str(f)) for f in config_files]
+    for candidate in [f.parent / "checkpoints" / "last.ckpt" for f in reversed(paths)]:
+        if candidate.is_file():
+            return str(candidate)
+    raise UserError(
+        f"--ckpt_path last: no checkpoints/last.ckpt next to the given configs ({', '.join(map(str, paths)) or 'none'});"
+        " pass the run's own config, e.g. -c runs/mnist/version_0/config.yaml, or a checkpoint file path"
+    )
 
-    Errors the user can fix end as one ``error: ...`` line and exit code 2; ``--debug`` or ``PROJECT_DEBUG=1``
-    shows the traceback instead.
-    """
-    if args is None:
-        sys.argv[1:], debug = errors.split_debug_flag(sys.argv[1:])
-    else:
-        args, debug = errors.split_debug_flag(args)
-    try:
-        errors.check_environment()
-        return CLI(
+
+class DropNoise(logging.Filter):
+    """Lightning's advertisement for another product: not a problem of the run, yet printed by every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def quiet() -> None:
+    """Silence the console lines that look like problems but are not, here and only here."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DropNoise())
+    # torch deprecates isinstance(spec, LeafSpec), which Lightning still calls on every batch transfer
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
+    # SLURM's srun is installed but this run is not under SLURM: Lightning warns on every start
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+
+
+def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
+    """Entry point of ``python -m project``; tests call it in-process with ``args``. Errors the user can fix end as
+    one ``error: ...`` line and exit code 2 (``--debug`` or ``PROJECT_DEBUG=1``: the traceback instead)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if args is None:  # LightningCLI reads sys.argv itself
+        sys.argv[1:] = [a for a in argv if a != "--debug"]
+    quiet()
+    with exit_on_user_error(debug="--debug" in argv):
+        cli = CLI(
             ImageClassifier,
             ImageDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             seed_everything_default=42,
             auto_configure_optimizers=False,
-            trainer_defaults=trainer_defaults(),
+            parser_class=ArgumentParser,
             save_config_callback=SaveConfigCallback,
-            args=args,
+            trainer_defaults={
+                "default_root_dir": "runs",
+                # W&B by default (offline without credentials); configs/logger/{csv,tensorboard,none}.yaml switch it
+                "logger": {"class_path": "project.loggers.WandbLogger", "init_args": {"name": None}},
+                "callbacks": [RNGState(), NonFiniteGuard(), GracefulInterrupt()],  # always on, added to any list
+            },
+            args=None if args is None else [a for a in argv if a != "--debug"],
             run=run,
-            parser_class=errors.ArgumentParser,
         )
-    except Exception as err:
-        message = errors.describe(err)
-        if debug or message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def trainer_defaults() -> dict[str, Any]:
-    # W&B by default (offline without credentials); configs/logger/{csv,tensorboard,none}.yaml switch it.
-    return {
-        "logger": {
-            "class_path": "project.loggers.WandbLogger",
-            "init_args": {"save_dir": RUNS_DIR, "name": None},
-        },
-        # Always on, added to whatever callbacks a config lists.
-        "callbacks": [RNGStateCheckpoint(), NonFiniteLossGuard(), EmptyEpochCheck(), GracefulInterrupt()],
-    }
+        for logger in cli.trainer.loggers:  # one W&B run per command, finished before the next one starts
+            if isinstance(logger, WandbLogger) and run:
+                logger.close()
+        return cli

@@ -1,13 +1,16 @@
-"""Weights & Biases for the CLI: offline without credentials, one folder per run, the full config in the run.
+"""Weights & Biases for the CLI: never waits on a network it cannot reach, one folder per run, the full config in
+the run, and a resumed fit continues the same run.
 
-``WandbLogger`` is Lightning's logger with three changes:
+``WandbLogger`` is Lightning's logger with four changes:
 
 - **mode**: ``mode`` if given, else ``WANDB_MODE``, else ``online`` when an API key exists (``WANDB_API_KEY`` or a
-  netrc entry) and ``offline`` when not. It never prompts; an online start that fails falls back to offline.
+  netrc entry) and ``offline`` when not. Before going online the server must answer within ``timeout`` seconds,
+  else the run is written offline (``wandb sync`` uploads it later) and the last line says why.
 - **folders**: each run gets ``<save_dir>/<name>/version_<N>/`` like the CSV logger; W&B's files, the resolved
   ``config.yaml`` and ``checkpoints/`` all live in it.
-- **artifacts** (``log_model``): checkpoints are logged with aliases ``best``/``last``/``latest`` and the run's
-  ``config.yaml`` next to ``model.ckpt``.
+- **resume**: checkpoints carry the run id (``SaveConfigCallback``); a fit resumed from one (``--ckpt_path``, or a
+  SLURM requeue) logs into the same W&B run, its steps continuing.
+- **artifacts** (``log_model``): checkpoints with aliases ``best``/``last``/``latest`` and the run's ``config.yaml``.
 """
 
 import json
@@ -15,29 +18,33 @@ import netrc
 import os
 import re
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from lightning.pytorch.callbacks import LearningRateMonitor as _LearningRateMonitor
-from lightning.pytorch.cli import SaveConfigCallback as _SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+from lightning.pytorch.cli import SaveConfigCallback as LightningSaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers.utilities import _scan_checkpoints
+from lightning.pytorch.loggers.utilities import _scan_checkpoints  # private: Lightning's own artifact bookkeeping
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 Mode = Literal["online", "offline", "disabled"]
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
 def has_credentials() -> bool:
     """An API key in ``WANDB_API_KEY`` or in the netrc file for the W&B host (where ``wandb login`` puts it)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
-        return bool(path.is_file() and netrc.netrc(path).authenticators(host))
+        return bool(path.is_file() and netrc.netrc(path).authenticators(urlparse(base_url()).hostname))
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -46,12 +53,21 @@ def resolve_mode(mode: str | None = None) -> tuple[Mode, str]:
     """The W&B mode to run in and why: the argument, else ``WANDB_MODE``, else online only with credentials."""
     aliases = {"dryrun": "offline", "run": "online"}
     if mode:
-        return aliases.get(mode, mode), "--trainer.logger.init_args.mode"
+        return aliases.get(mode, mode), f"--trainer.logger.init_args.mode {mode}"
     if os.environ.get("WANDB_MODE"):
-        return aliases.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"]), "WANDB_MODE"
-    if has_credentials():
-        return "online", "credentials found"
-    return "offline", "no W&B credentials found"
+        return aliases.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"]), f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    return ("online", "credentials found") if has_credentials() else ("offline", "no W&B credentials found")
+
+
+def unreachable(url: str, timeout: float) -> str | None:
+    """Why the server at ``url`` gives no HTTP answer within ``timeout`` seconds, or None when it answers."""
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered, if only with an error status
+    except (OSError, ValueError) as err:
+        return f"{getattr(err, 'reason', None) or err}"
+    return None
 
 
 def git_state(repo: Path = PROJECT_ROOT) -> dict[str, Any]:
@@ -72,27 +88,26 @@ def git_state(repo: Path = PROJECT_ROOT) -> dict[str, Any]:
 def next_run_dir(parent: Path, create: bool) -> Path:
     """``parent/version_<N>`` with N one more than the highest there; created atomically when ``create``."""
     names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
-    numbers = [int(m[1]) for name in names if (m := re.fullmatch(r"version_(\d+)", name))]
-    n = max(numbers, default=-1) + 1
-    if create:
+    n = max((int(m[1]) for name in names if (m := re.fullmatch(r"version_(\d+)", name))), default=-1) + 1
+    while create:
         parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                (parent / f"version_{n}").mkdir()
-                break
-            except FileExistsError:
-                n += 1
+        try:
+            (parent / f"version_{n}").mkdir()
+            break
+        except FileExistsError:
+            n += 1
     return parent / f"version_{n}"
 
 
-class WandbLogger(_WandbLogger):
-    """Lightning's ``WandbLogger``, zero-setup: see the module docstring.
+class WandbLogger(LightningWandbLogger):
+    """Lightning's ``WandbLogger`` with zero setup: see the module docstring.
 
     Args:
         name: the run's name in W&B and its folder under ``save_dir`` (the CLI fills in the data set's name).
-        save_dir: where run folders go: ``<save_dir>/<name>/version_<N>/``.
+        save_dir: where run folders go (the CLI links it to ``trainer.default_root_dir``).
         project, entity, group, tags, notes, job_type: as in ``wandb.init``.
         mode: ``online``, ``offline`` or ``disabled``; unset: ``WANDB_MODE``, else online only with credentials.
+        timeout: seconds the W&B server has to answer before the run goes offline instead.
         log_model: log checkpoints as model artifacts: ``True`` at the end of training, ``"all"`` as saved.
         checkpoint_name: the model artifact's name (default ``model-<run id>``).
     """
@@ -108,75 +123,74 @@ class WandbLogger(_WandbLogger):
         notes: str | None = None,
         job_type: str | None = None,
         mode: Mode | None = None,
+        timeout: float = 5.0,
         log_model: bool | Literal["all"] = False,
         checkpoint_name: str | None = None,
     ) -> None:
-        super().__init__(
-            name=name,
-            save_dir=save_dir,
-            project=project,
-            log_model=log_model,
-            checkpoint_name=checkpoint_name,
-            entity=entity,
-            group=group,
-            tags=tags,
-            notes=notes,
-            job_type=job_type,
-        )
-        self._root = Path(save_dir) / (name or "")
-        self._run_dir: Path | None = None
-        self._mode = mode
-        self._config_logged = False
-        self._mode_reason = ""
+        super().__init__(name=name, save_dir=save_dir, project=project, log_model=log_model, entity=entity,
+                         checkpoint_name=checkpoint_name, group=group, tags=tags, notes=notes, job_type=job_type)  # fmt: skip
+        self.root, self.run_dir = Path(save_dir) / (name or ""), None
+        self.mode, self.timeout, self.why = mode, timeout, ""
+        self.run_config: dict[str, Any] | None = None
 
     @property
     def save_dir(self) -> str:
         """The run's own folder (``Trainer.log_dir``): config.yaml, checkpoints/ and wandb/ go here."""
-        if self._run_dir is None:
-            # Only rank 0 creates it; Lightning broadcasts rank 0's paths to the other processes.
-            self._run_dir = next_run_dir(self._root, create=rank_zero_only.rank == 0)
-        return str(self._run_dir)
+        if self.run_dir is None:  # only rank 0 creates it; Lightning broadcasts rank 0's paths to the others
+            self.run_dir = next_run_dir(self.root, create=rank_zero_only.rank == 0)
+        return str(self.run_dir)
 
     @property
     def name(self) -> str:
-        # ModelCheckpoint writes to save_dir/name/version/checkpoints: keep that equal to <run folder>/checkpoints.
-        return ""
+        return ""  # ModelCheckpoint writes to save_dir/name/version/checkpoints: keep it <run folder>/checkpoints
 
     @property
     def version(self) -> str:
         return ""
 
+    def resume(self, run_id: str) -> None:
+        """Log into the existing run ``run_id`` (called when a fit resumes from a checkpoint of it)."""
+        if self._experiment is None:
+            self._wandb_init.update(id=run_id, resume="allow")  # private: the kwargs Lightning passes to wandb.init
+
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
         if self._experiment is None:
-            mode, self._mode_reason = resolve_mode(self._mode)
+            import wandb
+
+            mode, self.why = resolve_mode(self.mode)
+            if mode == "online" and (problem := unreachable(base_url(), self.timeout)):
+                mode, self.why = "offline", f"{base_url()} did not answer: {problem}"
             # absolute: wandb resolves a relative dir against the cwd of its first run in this process
             self._wandb_init.update(dir=os.path.abspath(self.save_dir), mode=mode)
             self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning always passes it
-            import wandb
-
             if wandb.run is not None:  # left open by another logger in this process: never log into it
                 wandb.run.finish()
             try:
-                return _WandbLogger.experiment.fget(self)
-            except Exception as err:  # network or server trouble: keep the run, offline
+                run = super().experiment
+            except Exception as err:  # the server answered, then failed: keep the run, offline
                 if mode != "online":
                     raise
-                rank_zero_warn(f"W&B could not start online ({err}); logging offline instead")
-                self._mode, self._wandb_init["mode"] = "offline", "offline"
-                return _WandbLogger.experiment.fget(self)
+                self.why = f"W&B could not start online: {err}"
+                self._wandb_init["mode"] = "offline"
+                run = super().experiment
+            if self.why.startswith(base_url()) or self.why.startswith("W&B could not"):
+                rank_zero_warn(f"{self.why}; logging offline instead")
+            if self.run_config is not None:
+                run.config.update({**self.run_config, "git": git_state()}, allow_val_change=True)
         return self._experiment
 
     @rank_zero_only
     def log_config(self, config: dict[str, Any]) -> None:
-        """Put the full resolved CLI config (nested) and the git state into the run's config."""
-        self.experiment.config.update({**config, "git": git_state()}, allow_val_change=True)
-        self._config_logged = True
+        """The full resolved CLI config (nested) and the git state go into the run's config when it starts."""
+        self.run_config = config
+        if self._experiment is not None:
+            self._experiment.config.update({**config, "git": git_state()}, allow_val_change=True)
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
-        if not self._config_logged:  # under the CLI the model's hyperparameters are already in the full config
+        if self.run_config is None:  # under the CLI the model's hyperparameters are already in the full config
             super().log_hyperparams(params)
 
     @rank_zero_only
@@ -191,31 +205,22 @@ class WandbLogger(_WandbLogger):
         run, self._experiment = self._experiment, None
         if run is None:
             return
-        offline = getattr(getattr(run, "settings", None), "mode", None) in ("offline", "dryrun")
-        run_path = Path(run.dir).parent if offline else None
+        offline = run.settings.mode in ("offline", "dryrun")
+        run_path = Path(run.dir).parent
         run.finish(exit_code=exit_code)
         if offline:
-            rank_zero_info(
-                f"W&B run saved offline in {run_path} ({self._mode_reason}); upload it with: wandb sync {run_path}"
-            )
+            rank_zero_info(f"W&B run saved offline in {run_path} ({self.why}); upload it with: wandb sync {run_path}")
 
-    def _scan_and_log_checkpoints(self, checkpoint_callback: Any) -> None:
+    def _scan_and_log_checkpoints(self, checkpoint_callback: Any) -> None:  # private: Lightning's artifact hook
         import wandb
 
         config = Path(self.save_dir) / "config.yaml"
-        last = getattr(checkpoint_callback, "last_model_path", "")
-        best = getattr(checkpoint_callback, "best_model_path", "")
         for timestamp, path, score, _ in _scan_checkpoints(checkpoint_callback, self._logged_model_time):
-            aliases = ["latest"] + ["best"] * (path == best) + ["last"] * (path == last)
-            metadata = {
-                "score": score.item() if hasattr(score, "item") else score,
-                "original_filename": Path(path).name,
-                "monitor": getattr(checkpoint_callback, "monitor", None),
-                "mode": getattr(checkpoint_callback, "mode", None),
-            }
-            artifact = wandb.Artifact(
-                name=self._checkpoint_name or f"model-{self.experiment.id}", type="model", metadata=metadata
-            )
+            last = Path(path).stem == "last"
+            aliases = ["latest", "last" if last else "best"] if last or path == checkpoint_callback.best_model_path else ["latest"]
+            metadata = {"score": score.item() if hasattr(score, "item") else score, "original_filename": Path(path).name,
+                        "monitor": checkpoint_callback.monitor, "mode": checkpoint_callback.mode}  # fmt: skip
+            artifact = wandb.Artifact(self._checkpoint_name or f"model-{self.experiment.id}", "model", metadata=metadata)
             artifact.add_file(path, name="model.ckpt", policy=self.add_file_policy)
             if config.is_file():
                 artifact.add_file(str(config), name="config.yaml")
@@ -223,40 +228,22 @@ class WandbLogger(_WandbLogger):
             self._logged_model_time[path] = timestamp
 
 
-class SaveConfigCallback(_SaveConfigCallback):
-    """Saves ``config.yaml`` in the run folder, as Lightning's does, and hands the full config to the loggers."""
+class SaveConfigCallback(LightningSaveConfigCallback):
+    """Saves ``config.yaml`` in the run folder, as Lightning's does; hands the full config to the W&B logger, and
+    keeps the W&B run id in checkpoints so that a resumed fit continues that run."""
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         config = json.loads(json.dumps(self.config.clone().as_dict(), default=str))
         config.pop("config", None)  # the paths of the YAML files given, not values
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_config(config)
+        for logger in (lg for lg in trainer.loggers if isinstance(lg, WandbLogger)):
+            logger.log_config(config)
 
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        for logger in (lg for lg in trainer.loggers if isinstance(lg, WandbLogger)):
+            if trainer.is_global_zero and logger.experiment.id:
+                checkpoint["wandb_run_id"] = logger.experiment.id
 
-class LearningRateMonitor(_LearningRateMonitor):
-    """Lightning's ``LearningRateMonitor`` that stays silent when the run has no logger (``logger: false``)."""
-
-    def on_train_start(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
-        if trainer.loggers:
-            super().on_train_start(trainer, *args, **kwargs)
-
-    def on_train_batch_start(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
-        if trainer.loggers:
-            super().on_train_batch_start(trainer, *args, **kwargs)
-
-    def on_train_epoch_start(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
-        if trainer.loggers:
-            super().on_train_epoch_start(trainer, *args, **kwargs)
-
-
-def close_loggers(trainer: Any) -> None:
-    """Finish W&B runs when a CLI subcommand ends, so the next run in the same process starts fresh."""
-    from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
-
-    for logger in getattr(trainer, "loggers", []):
-        if isinstance(logger, WandbLogger):
-            logger.close()
-        elif isinstance(logger, LightningWandbLogger) and getattr(logger, "_experiment", None) is not None:
-            # Lightning's own logger never finishes its run: the next run in this process would write into it.
-            logger._experiment.finish()
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        for logger in (lg for lg in trainer.loggers if isinstance(lg, WandbLogger)):
+            if checkpoint.get("wandb_run_id"):
+                logger.resume(checkpoint["wandb_run_id"])

@@ -1,24 +1,32 @@
+"""Shared scaffolding: format-exact data sets, running the CLI in-process or as a process, reading results back."""
+
+import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from torchvision import datasets
 
-from tests.formats import write_cifar, write_mnist_family
+from project.cli import cli_main
+from tests.formats import write_cifar, write_image_folder, write_mnist_family
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
-
-# Quiet, offline, never prompt.
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1"]
+CSV = f"--config={CONFIGS / 'logger' / 'csv.yaml'}"  # W&B is the default logger; tests/test_wandb.py covers it
+os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")  # quiet, offline, never prompt
 
 
 @pytest.fixture(autouse=True)
 def _work_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs in its own folder, so ``runs/`` and ``data/`` never leak between tests."""
+    """Every test runs in its own folder, so ``runs/`` and ``data/`` never leak between tests; wandb's own folders
+    (staging, cache, settings) are kept there too."""
     monkeypatch.chdir(tmp_path)
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
 
 
 @pytest.fixture(scope="session")
@@ -42,13 +50,45 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory):
         yield root, files
 
 
-def fast_args(data_dir: Path, *extra: str) -> list[str]:
-    """Common CLI arguments for quick in-test runs: tiny nets, no progress bar, CSV logs in the cwd."""
-    return [
-        f"--config={CONFIGS / 'logger' / 'csv.yaml'}",  # W&B is the default logger; tests/test_wandb.py covers it
-        f"--data.init_args.data_dir={data_dir}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.log_every_n_steps=1",
-        *extra,
-    ]
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Your own images: 3 classes x 40 PNG files of varying sizes, one folder per class."""
+    return write_image_folder(tmp_path_factory.mktemp("images"), dict.fromkeys(("disk", "red", "stripes"), 40))
+
+
+def fit(config: str, data_dir: Path, *extra: str, subcommand: str = "fit", run: bool = True):
+    """``python -m project <subcommand> -c configs/<config> ...`` in-process: quiet, CSV logs in the cwd."""
+    args = [subcommand] if run else []
+    return cli_main([*args, f"--config={CONFIGS / config}", CSV, f"--data.init_args.data_dir={data_dir}", *QUIET,
+                     *extra], run=run)  # fmt: skip
+
+
+def run_module(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python -m <args>`` as a separate process (stdin closed), with the repository on the path."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def error_line(err: str) -> str:
+    """The single ``error:`` line of a failed command's stderr; no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def fails(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run the CLI in-process; it must exit with code 2 and one ``error:`` line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    return error_line(capsys.readouterr().err)
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[float]]:
+    """Each column of a CSV logger's ``metrics.csv``: the values logged, in order."""
+    with open(Path(run_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows, f"no metrics in {run_dir}"
+    return {key: [float(r[key]) for r in rows if r[key] != ""] for key in rows[0]}

@@ -105,3 +105,30 @@ def write_cifar(root: Path, num_classes: int, n_train: int = 500, n_test: int = 
         "train": (images, labels),
         "test": (test_images, test_labels),
     }
+
+
+def draw(kind: str, rng: np.random.Generator, size: int):
+    """One of three visually different kinds of picture (a blue disk, red, stripes), with random noise and placement."""
+    from PIL import Image
+
+    image = rng.integers(0, 70, size=(size, size, 3), dtype=np.uint8)
+    if kind == "red":
+        image[..., 0] = rng.integers(150, 256, size=(size, size), dtype=np.uint8)
+    elif kind == "stripes":
+        image[(np.arange(size) // int(rng.integers(3, 6))) % 2 == 0] += np.uint8(150)
+    else:
+        yy, xx = np.mgrid[:size, :size]
+        cy, cx = rng.integers(size // 3, 2 * size // 3, size=2)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // int(rng.integers(4, 6))) ** 2, 2] = 255
+    return Image.fromarray(image)
+
+
+def write_image_folder(root: Path, counts: dict[str, int], size: int = 20, seed: int = 0) -> Path:
+    """``root/<class>/<i>.png`` as a user would have them (sizes vary; the data module resizes). Classes are named
+    after the kind drawn: ``disk``, ``red`` or ``stripes`` (any other name draws a disk)."""
+    rng = np.random.default_rng(seed)
+    for kind, n in counts.items():
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            draw(kind, rng, size + int(rng.integers(0, 8))).save(root / kind / f"{i:03d}.png")
+    return root

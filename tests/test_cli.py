@@ -1,6 +1,5 @@
-"""End-to-end runs through ``cli_main``, in-process, on format-exact data."""
+"""The command line end to end, in-process, on format-exact data: runs, links, overrides, checkpoints, folders."""
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -9,163 +8,137 @@ import yaml
 
 from project.cli import cli_main
 from project.models import ImageClassifier
-from tests.conftest import CONFIGS, fast_args
-
-DATASETS = {
-    "mnist": "mnist_root",
-    "fashion_mnist": "mnist_root",
-    "cifar10": "cifar_root",
-    "cifar100": "cifar_root",
-}
-SMALL_NETS = {
-    "mnist": ["--model.init_args.net.init_args.hidden=[32]"],
-    "fashion_mnist": ["--model.init_args.net.init_args.width=8"],
-    "cifar10": [
-        "--model.init_args.net.init_args.width=8",
-        "--model.init_args.net.init_args.blocks=[1,1]",
-        "--data.init_args.val_split=0.2",
-        "--data.init_args.num_workers=0",
-    ],
-    "cifar100": [
-        "--model.init_args.net.init_args.width=8",
-        "--model.init_args.net.init_args.blocks=[1,1]",
-        "--data.init_args.val_split=0.2",
-        "--data.init_args.num_workers=0",
-    ],
-}
+from tests.conftest import CONFIGS, CSV, QUIET, fails, fit, read_metrics
 
 
-def data_root(name: str, request: pytest.FixtureRequest) -> Path:
-    value = request.getfixturevalue(DATASETS[name])
-    return value[0] if isinstance(value, tuple) else value
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def last_value(rows: list[dict[str, str]], key: str) -> float:
-    return [float(r[key]) for r in rows if r.get(key)][-1]
-
-
-@pytest.mark.parametrize("name", list(DATASETS))
-def test_fast_dev_run_every_dataset(name, request):
-    root = data_root(name, request)
-    cli = cli_main(["fit", f"--config={CONFIGS / f'{name}.yaml'}", *fast_args(root), *SMALL_NETS[name],
-                    "--trainer.fast_dev_run=2", "--test_after_fit=true"])  # fmt: skip
-    assert cli.trainer.state.finished and cli.trainer.state.fn == "test"
-    assert cli.model.num_classes == cli.datamodule.num_classes
-    assert 0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1
-
-
-@pytest.mark.parametrize("name", list(DATASETS))
-def test_one_epoch_then_test_from_checkpoint(name, request):
-    """A tiny real epoch writes a checkpoint, the resolved config and metrics; `validate` and `test` from the
-    checkpoint, in new processes' worth of state, give back the numbers the fit run logged."""
-    root = data_root(name, request)
-    cli = cli_main(["fit", f"--config={CONFIGS / f'{name}.yaml'}", *fast_args(root), *SMALL_NETS[name],
-                    "--trainer.max_epochs=1", "--data.init_args.batch_size=32", "--test_after_fit=true"])  # fmt: skip
+@pytest.mark.parametrize(("config", "root"), [("fashion_mnist.yaml", "mnist_root"), ("cifar10.yaml", "cifar_root")])
+def test_fit_then_validate_and_test_from_the_checkpoint_give_the_logged_numbers(config, root, request):
+    """2 epochs write the best and the last checkpoint, the resolved config and metrics; `validate` and `test` of the
+    best checkpoint through the run's own config.yaml reproduce the numbers the fit run logged."""
+    data = request.getfixturevalue(root)
+    data = data[0] if isinstance(data, tuple) else data
+    small = ["--model.init_args.net.init_args.width=8", "--data.init_args.batch_size=32", "--data.init_args.num_workers=0",
+             "--data.init_args.val_split=0.2"]
+    cli = fit(config, data, *small, "--trainer.max_epochs=2", "--test_after_fit=true")
     run_dir = Path(cli.trainer.log_dir)
-    assert run_dir.parent.name == name and run_dir.name == "version_0"
-    best = Path(cli.trainer.checkpoint_callback.best_model_path)
-    assert best.is_file() and best.parent == run_dir / "checkpoints"
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["data"]["init_args"]["data_dir"] == str(root) and saved["trainer"]["max_epochs"] == 1
-
-    rows = read_metrics(run_dir)
-    val_acc = last_value(rows, "val/acc")
-    assert last_value(rows, "val/acc_best") == pytest.approx(val_acc)
-    assert last_value(rows, "train/acc") >= 0 and last_value(rows, "train/loss") > 0
-    if name == "cifar100":
-        assert "val/top5" in rows[0]
-
-    # validate with the checkpoint reproduces the numbers logged during fit
+    assert run_dir == Path("runs") / config.removesuffix(".yaml") / "version_0"
+    best = Path(cli.config_init.fit.checkpoint.best_model_path)
+    assert best.parent == run_dir / "checkpoints" and best.name.startswith("epoch=")
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == cli.trainer.global_step
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_epochs"] == 2
+    metrics = read_metrics(run_dir)
+    assert max(metrics["val/acc"]) == metrics["val/acc_best"][-1] and metrics["train/loss"][-1] > 0
+    if config == "fashion_mnist.yaml":  # the main job's recipe learns the fixture (chance is 0.1)
+        assert metrics["test/acc"][-1] > 0.5
     again = cli_main(["validate", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={best}"])
-    assert float(again.trainer.callback_metrics["val/acc"]) == pytest.approx(val_acc, abs=1e-6)
-    assert float(again.trainer.callback_metrics["val/loss"]) == pytest.approx(last_value(rows, "val/loss"), rel=1e-5)
+    best_epoch = metrics["val/acc"].index(max(metrics["val/acc"]))
+    assert float(again.trainer.callback_metrics["val/acc"]) == pytest.approx(metrics["val/acc"][best_epoch], abs=1e-6)
+    assert float(again.trainer.callback_metrics["val/loss"]) == pytest.approx(metrics["val/loss"][best_epoch], rel=1e-5)
     assert Path(again.trainer.log_dir).name == "version_1", "a new run never writes into an earlier run's folder"
-
-    # test from the checkpoint gives the numbers the fit run's own test (test_after_fit) logged
     tested = cli_main(["test", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={best}"])
-    test_acc = float(tested.trainer.callback_metrics["test/acc"])
-    assert test_acc == pytest.approx(last_value(rows, "test/acc"), abs=1e-6)
-    assert last_value(read_metrics(Path(tested.trainer.log_dir)), "test/acc") == pytest.approx(test_acc)
+    assert float(tested.trainer.callback_metrics["test/acc"]) == pytest.approx(metrics["test/acc"][-1], abs=1e-6)
 
 
-def test_learns_above_chance(mnist_root):
-    cli = cli_main(["fit", f"--config={CONFIGS / 'fashion_mnist.yaml'}", *fast_args(mnist_root),
-                    "--model.init_args.net.init_args.width=8", "--trainer.max_epochs=3",
-                    "--data.init_args.batch_size=32", "--test_after_fit=false"])  # fmt: skip
-    best = cli.trainer.checkpoint_callback.best_model_path
-    tested = cli_main(["test", f"--config={Path(cli.trainer.log_dir) / 'config.yaml'}", f"--ckpt_path={best}"])
-    assert float(tested.trainer.callback_metrics["test/acc"]) > 0.5  # chance is 0.1
+def test_data_is_linked_into_the_model_and_the_net(cifar_root):
+    cli = fit("cifar100.yaml", cifar_root[0], "--model.init_args.net.init_args.width=4", run=False)
+    model = cli.model
+    assert model.num_classes == 100 and len(model.class_names) == 100 and model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    assert model.hparams["net"]["init_args"]["num_classes"] == 100 and tuple(model.hparams["image_shape"]) == (3, 32, 32)
+    assert model.mean.flatten().tolist() == pytest.approx(cli.datamodule.mean)
 
 
-def test_print_config_round_trips(mnist_root, capsys, tmp_path):
-    args = ["fit", f"--config={CONFIGS / 'fashion_mnist.yaml'}", *fast_args(mnist_root), "--model.optimizer.lr=0.02"]
-    with pytest.raises(SystemExit):
-        cli_main([*args, "--print_config"])
-    first = capsys.readouterr().out
-    (tmp_path / "printed.yaml").write_text(first)
-    with pytest.raises(SystemExit):
-        cli_main(["fit", f"--config={tmp_path / 'printed.yaml'}", "--print_config"])
-    second = capsys.readouterr().out
-    assert first == second
-    assert yaml.safe_load(first)["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.02
+NET = """
+from torch import nn
 
 
-def test_num_classes_and_shape_are_linked_into_the_net(cifar_root):
-    root, _ = cifar_root
-    cli = cli_main([f"--config={CONFIGS / 'cifar100.yaml'}", *fast_args(root)], run=False)
-    assert cli.model.num_classes == 100 and len(cli.model.class_names) == 100
-    assert cli.model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
-    net = cli.model.hparams["net"]["init_args"]
-    assert net["num_classes"] == 100 and tuple(net["input_shape"]) == (3, 32, 32)
+class Net(nn.Module):
+    def __init__(self, num_classes: int, input_shape):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], num_classes))
+
+    def forward(self, x):
+        return self.layers(x)
+"""
+
+
+def test_a_net_taking_only_the_linked_arguments(mnist_root, tmp_path, monkeypatch):
+    """A new net is one file, whatever its signature: chosen on the command line or in a net YAML without init_args."""
+    (tmp_path / "my_nets.py").write_text(NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "net.yaml").write_text("class_path: project.models.ImageClassifier\ninit_args:\n  net: my_nets.Net\n")
+    for choice in ("--model.net=my_nets.Net", f"--model={tmp_path / 'net.yaml'}"):
+        cli = fit("mnist.yaml", mnist_root, choice, "--trainer.fast_dev_run=1")
+        assert type(cli.model.net).__name__ == "Net" and cli.model.hparams["net"]["init_args"]["num_classes"] == 10
 
 
 def test_optimizer_and_scheduler_overrides_take_effect(mnist_root):
-    cli = cli_main([
-        "fit", f"--config={CONFIGS / 'mnist.yaml'}", *fast_args(mnist_root), "--trainer.fast_dev_run=1",
-        "--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.05", "--model.optimizer.momentum=0.9",
-        "--model.optimizer.weight_decay=0.01",
-        "--model.scheduler=torch.optim.lr_scheduler.StepLR", "--model.scheduler.step_size=7",
-        "--model.scheduler_interval=step",
-    ])  # fmt: skip
+    cli = fit("mnist.yaml", mnist_root, "--trainer.fast_dev_run=1", "--model.optimizer=torch.optim.SGD",
+              "--model.optimizer.lr=0.05", "--model.optimizer.momentum=0.9", "--model.optimizer.weight_decay=0.01",
+              "--model.scheduler=torch.optim.lr_scheduler.StepLR", "--model.scheduler.step_size=7",
+              "--model.scheduler_interval=step")  # fmt: skip
     optimizer = cli.trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]  # none on biases and norms
     config = cli.trainer.lr_scheduler_configs[0]
     assert isinstance(config.scheduler, torch.optim.lr_scheduler.StepLR) and config.scheduler.step_size == 7
     assert config.interval == "step"
 
 
-def test_one_cycle_total_steps_filled_from_the_trainer(mnist_root):
-    cli = cli_main(["fit", f"--config={CONFIGS / 'fashion_mnist.yaml'}", *fast_args(mnist_root),
-                    "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
-                    "--model.init_args.net.init_args.width=4"])  # fmt: skip
-    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
-    assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and scheduler.total_steps == 6
+def test_one_cycle_gets_the_run_length_and_a_longer_resume_stops_with_one_line(mnist_root, capsys):
+    cli = fit("fashion_mnist.yaml", mnist_root, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+              "--trainer.limit_val_batches=1", "--model.init_args.net.init_args.width=4")  # fmt: skip
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.total_steps == 3
+    config = Path(cli.trainer.log_dir) / "config.yaml"
+    line = fails(["fit", f"--config={config}", "--ckpt_path=last", "--trainer.max_epochs=3"], capsys)
+    assert "OneCycleLR schedule ends after 3 optimizer steps but this run needs 9" in line
+    assert "--trainer.max_epochs" in line
 
 
-def test_checkpoint_loads_with_weights_only(mnist_root):
-    cli = cli_main(["fit", f"--config={CONFIGS / 'mnist.yaml'}", *fast_args(mnist_root), "--trainer.fast_dev_run=1",
-                    "--trainer.enable_checkpointing=true"])  # fmt: skip
-    path = Path("model.ckpt")
-    cli.trainer.save_checkpoint(path)
-    torch.load(path, weights_only=True)  # no pickled modules or classes inside
-    model = ImageClassifier.load_from_checkpoint(path, weights_only=True)
-    x = torch.randn(3, 1, 28, 28)
-    cli.model.eval()
-    model.eval()
-    torch.testing.assert_close(model(x), cli.model(x))
+def test_checkpoints_are_plain_data_and_the_model_takes_raw_images(mnist_root):
+    cli = fit("fashion_mnist.yaml", mnist_root, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+              "--trainer.limit_val_batches=1", "--model.init_args.net.init_args.width=4")  # fmt: skip
+    path = cli.config_init.fit.checkpoint.best_model_path
+    hparams = torch.load(path, weights_only=True)["hyper_parameters"]  # no pickled modules or classes inside
+    assert tuple(hparams["mean"]) == (0.2860,) and hparams["class_names"][0] == "T-shirt/top"
+    model = ImageClassifier.load_from_checkpoint(path, weights_only=True).eval()
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(model(images), cli.model.eval()(images))
+    torch.testing.assert_close(model(images), model(images.float() / 255))  # uint8 or float in [0, 1]
 
 
-def test_missing_data_exits_with_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", f"--config={CONFIGS / 'mnist.yaml'}", f"--data.init_args.data_dir={tmp_path / 'nothing'}"])
-    assert exit_info.value.code != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: MNIST not found") and "train-images-idx3-ubyte" in err[-1]
+def test_default_root_dir_decides_where_runs_go_and_a_smoke_run_leaves_nothing(mnist_root, tmp_path):
+    cli = fit("mnist.yaml", mnist_root, "--trainer.default_root_dir=elsewhere/runs", "--trainer.max_epochs=1",
+              "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1")  # fmt: skip
+    assert Path(cli.trainer.log_dir) == Path("elsewhere/runs/mnist/version_0")
+    assert {p.name for p in Path(cli.trainer.log_dir).iterdir()} == {"config.yaml", "checkpoints", "metrics.csv",
+                                                                     "hparams.yaml"}
+    before = sorted(tmp_path.rglob("*"))
+    for _ in range(2):
+        cli_main(["fit", f"--config={CONFIGS / 'mnist.yaml'}", f"--data.init_args.data_dir={mnist_root}", *QUIET,
+                  "--trainer.fast_dev_run=true", "--test_after_fit=true"])  # fmt: skip
+    assert sorted(tmp_path.rglob("*")) == before, "fast_dev_run writes no checkpoints, logs or configs"
+
+
+@pytest.mark.parametrize("name", ["ModelCheckpoint", "LearningRateMonitor", "EarlyStopping", "EMAWeightAveraging"])
+def test_lightning_callback_short_names_work(name, mnist_root):
+    """The form the LightningCLI docs teach; a stock ModelCheckpoint beside the two the CLI adds."""
+    extra = ["--trainer.callbacks.monitor=val/loss"] if name == "EarlyStopping" else []
+    cli = fit("mnist.yaml", mnist_root, f"--trainer.callbacks+={name}", *extra, "--trainer.max_epochs=1",
+              "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1")  # fmt: skip
+    assert name in [type(c).__name__ for c in cli.trainer.callbacks] and cli.trainer.state.finished
+
+
+def test_no_logger_trains_and_checkpoints(mnist_root):
+    cli = cli_main(["fit", f"--config={CONFIGS / 'mnist.yaml'}", f"--config={CONFIGS / 'logger/none.yaml'}", *QUIET,
+                    f"--data.init_args.data_dir={mnist_root}", "--trainer.max_epochs=1",
+                    "--trainer.limit_train_batches=2", "--test_after_fit=true"])  # fmt: skip
+    assert not cli.trainer.loggers and cli.trainer.state.finished and "test/acc" in cli.trainer.callback_metrics
+    assert sorted(p.name for p in Path("runs/checkpoints").iterdir())[-1] == "last.ckpt"
+
+
+def test_learning_rate_is_logged_once_and_configurable(mnist_root):
+    cli = fit("fashion_mnist.yaml", mnist_root, CSV, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+              "--lr_monitor.log_momentum=true", "--model.init_args.net.init_args.width=4")  # fmt: skip
+    metrics = read_metrics(Path(cli.trainer.log_dir))
+    assert len(metrics["lr-AdamW/pg1"]) == 3 and "lr-AdamW/pg1-momentum" in metrics  # per step: OneCycle is per step

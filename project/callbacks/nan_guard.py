@@ -1,53 +1,43 @@
-"""Stop training at the first non-finite loss, before it reaches the weights or a checkpoint."""
+"""Stop training at the first non-finite loss or gradient, before the optimizer step uses it.
 
-import math
+Lightning's ``detect_anomaly`` finds the op but is far too slow to leave on; without a guard a NaN gradient at the
+last step of an epoch reaches the weights and the epoch's checkpoints. (The checkpoint IO also refuses to write
+non-finite weights, whatever produced them.)
+"""
+
+from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from project.errors import UserError
 
 
-class NonFiniteLoss(UserError):
-    pass
+class NonFiniteGuard(Callback):
+    """Raises a one-line error when the gradients of an optimizer step are NaN or infinite (a NaN loss makes them
+    so), before the step: the weights in memory and on disk stay finite. Under ``16-mixed`` precision the gradient
+    scaler skips such steps by design, and the guard leaves them to it."""
 
+    def __init__(self) -> None:
+        self.loss: Tensor | None = None
 
-class NonFiniteLossGuard(Callback):
-    """Raises :class:`NonFiniteLoss` when the training loss is NaN or infinite, before ``backward``.
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        self.loss = loss.detach()  # kept for the message; checked with the gradients (the same on every rank)
 
-    The optimizer never steps on it, so the weights in memory and every checkpoint on disk stay finite; the run
-    ends with one line naming the step, the value and the usual causes, and the last good checkpoint is kept.
-    """
-
-    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
-        value = float(loss.detach())
-        if math.isfinite(value):
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
-            trainer.checkpoint_callback, "best_model_path", ""
-        )
-        kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was written"
-        raise NonFiniteLoss(
-            f"training loss is {value} at step {trainer.global_step} (epoch {trainer.current_epoch}), training "
-            f"stopped before the weights were updated{kept}. Likely causes: learning rate too high (lower "
-            f"--model.init_args.optimizer.init_args.lr), bad data (NaN/Inf in a batch), or fp16 overflow (use "
-            f"--trainer.precision bf16-mixed or 32-true)"
-        )
-
-
-class EmptyEpochCheck(Callback):
-    """A training set smaller than one batch with ``drop_last`` trains on nothing: say so instead."""
-
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # Lightning skips the whole fit loop (no on_train_start) when an epoch has no batches.
-        if trainer.num_training_batches != 0 or trainer.limit_train_batches == 0 or trainer.global_step > 0:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or torch.nn.utils.get_total_norm(grads).isfinite():
             return
-        loader: Any = trainer.train_dataloader
-        size = len(getattr(loader, "dataset", ())) if loader is not None else 0
-        batch_size = getattr(loader, "batch_size", None)
+        saved = [Path(p) for c in trainer.checkpoint_callbacks for p in (c.best_model_path, c.last_model_path) if p]
+        saved = sorted((p for p in saved if p.is_file()), key=lambda p: p.stat().st_mtime)
+        kept = f"last good checkpoint: {saved[-1]}" if saved else "no checkpoint was written"
         raise UserError(
-            f"the training set has {size} samples, fewer than one batch of {batch_size} with drop_last, so an epoch "
-            f"has no batches; lower --data.init_args.batch_size to at most {size} or use more data"
+            f"training loss is {float(self.loss)} and the gradients are not finite at step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}); stopped before the weights were updated; {kept}. Likely causes: "
+            f"learning rate too high (lower --model.optimizer.lr), bad data (NaN/Inf in a batch), or fp16 overflow "
+            f"(use --trainer.precision bf16-mixed or 32-true)"
         )

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 
-class RNGStateCheckpoint(Callback):
+class RNGState(Callback):
     """Saves the torch (CPU and CUDA), numpy and Python RNG states with every checkpoint and restores them when
     training resumes from it.
 

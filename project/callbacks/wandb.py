@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 
 def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
@@ -53,7 +54,8 @@ class WandbPredictionMedia(Callback):
     """At the end of validation (every ``every_n_epochs``) and of test: a confusion matrix with class names and a
     table of sample predictions (image, true, predicted, confidence), misclassified first.
 
-    Reads what ``validation_step``/``test_step`` return: ``{"preds", "target", "logits"}``.
+    Reads what ``validation_step``/``test_step`` return: ``{"preds", "target", "logits"}``. The confusion counts are
+    a torchmetrics state, summed over DDP processes.
 
     Args:
         every_n_epochs: validation media every this many epochs (0: never); test media always.
@@ -61,60 +63,50 @@ class WandbPredictionMedia(Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1, num_samples: int = 32) -> None:
-        self.every_n_epochs = every_n_epochs
-        self.num_samples = num_samples
-        self._reset()
+        self.every_n_epochs, self.num_samples = every_n_epochs, num_samples
+        self.confusion: MulticlassConfusionMatrix | None = None
+        self.samples: dict[bool, list[tuple[Tensor, int, int, float]]] = {True: [], False: []}
 
-    def _reset(self) -> None:
-        self._preds: list[Tensor] = []
-        self._targets: list[Tensor] = []
-        self._samples: dict[bool, list[tuple[Tensor, int, int, float]]] = {True: [], False: []}
-
-    def _active(self, trainer: Trainer, stage: str) -> bool:
+    def active(self, trainer: Trainer) -> bool:
         if not wandb_loggers(trainer) or trainer.sanity_checking:
             return False
-        if stage == "val":
-            return self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        return True
+        return trainer.testing or (self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0)
 
-    def _collect(self, outputs: Any, batch: Any) -> None:
-        if not isinstance(outputs, dict) or "preds" not in outputs:
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.confusion = MulticlassConfusionMatrix(pl_module.num_classes).to(pl_module.device)
+        self.samples = {True: [], False: []}
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:  # fmt: skip
+        if not self.active(trainer) or not isinstance(outputs, dict) or "preds" not in outputs:
             return
-        preds, target = outputs["preds"].detach(), outputs["target"].detach()
-        self._preds.append(preds)
-        self._targets.append(target)
-        confidence = outputs["logits"].detach().float().softmax(-1).amax(-1) if "logits" in outputs else None
+        preds, target = outputs["preds"], outputs["target"]
+        self.confusion.update(preds, target)
+        confidence = outputs["logits"].float().softmax(-1).amax(-1)
         for i in range(len(preds)):
             wrong = bool(preds[i] != target[i])
-            if len(self._samples[wrong]) < self.num_samples:
-                conf = float(confidence[i]) if confidence is not None else float("nan")
-                self._samples[wrong].append((batch[0][i].detach().cpu(), int(target[i]), int(preds[i]), conf))
+            if len(self.samples[wrong]) < self.num_samples:
+                self.samples[wrong].append((batch[0][i].cpu(), int(target[i]), int(preds[i]), float(confidence[i])))
 
-    def _log(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.active(trainer):
+            return
         import wandb
 
-        if not self._preds and trainer.world_size == 1:
-            return
-        # A fixed-size confusion count, summed over ranks: ranks may hold different numbers of samples
-        # (evaluation is unrepeated), which a plain all_gather cannot take. Every rank takes part; rank 0 logs.
-        num_classes = int(pl_module.num_classes)
-        counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=pl_module.device)
-        if self._preds:
-            pairs = torch.cat(self._targets).long() * num_classes + torch.cat(self._preds).long()
-            counts += torch.bincount(pairs.to(counts.device), minlength=num_classes * num_classes)
-        counts = trainer.strategy.reduce(counts, reduce_op="sum").cpu()
+        counts = self.confusion.compute().flatten().cpu()  # every rank takes part in the sum; rank 0 logs
         if not trainer.is_global_zero:
             return
-        pairs = torch.repeat_interleave(torch.arange(num_classes * num_classes), counts)
-        targets, preds = pairs // num_classes, pairs % num_classes
-        names = list(getattr(pl_module, "class_names", [])) or [str(i) for i in range(int(targets.max()) + 1)]
+        n = pl_module.num_classes
+        pairs = torch.repeat_interleave(torch.arange(n * n), counts)
+        names = list(pl_module.class_names)
         table = wandb.Table(columns=["image", "true", "predicted", "confidence", "correct"])
-        rows = (self._samples[True] + self._samples[False])[: self.num_samples]  # misclassified first
-        for image, true, pred, conf in rows:
-            table.add_data(wandb.Image(_to_unit_range(image)), names[true], names[pred], conf, true == pred)
+        for image, true, pred, conf in (self.samples[True] + self.samples[False])[: self.num_samples]:
+            table.add_data(wandb.Image(display(image)), names[true], names[pred], conf, true == pred)
+        stage = "test" if trainer.testing else "val"
         media = {
             f"{stage}/confusion_matrix": wandb.plot.confusion_matrix(
-                y_true=targets.tolist(), preds=preds.tolist(), class_names=names
+                y_true=(pairs // n).tolist(), preds=(pairs % n).tolist(), class_names=names
             ),
             f"{stage}/predictions": table,
             "trainer/global_step": trainer.global_step,
@@ -122,39 +114,13 @@ class WandbPredictionMedia(Callback):
         for logger in wandb_loggers(trainer):
             logger.experiment.log(media)
 
-    @staticmethod
-    def _stage(trainer: Trainer) -> str:
-        return "test" if trainer.testing else "val"
-
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reset()
-
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._active(trainer, self._stage(trainer)):
-            self._collect(outputs, batch)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        stage = self._stage(trainer)
-        if self._active(trainer, stage):
-            self._log(trainer, pl_module, stage)
-        self._reset()
-
     # test collects and logs the same way; the stage comes from the trainer
     on_test_epoch_start = on_validation_epoch_start
     on_test_batch_end = on_validation_batch_end
     on_test_epoch_end = on_validation_epoch_end
 
 
-def _to_unit_range(image: Tensor) -> Tensor:
-    """A normalized image scaled to [0, 1] for display (no knowledge of the data set's mean and std needed)."""
-    image = image.float()
-    low, high = image.min(), image.max()
-    return (image - low) / (high - low) if high > low else torch.zeros_like(image)
+def display(image: Tensor) -> Any:
+    """A uint8 or [0, 1] float (C, H, W) image as an HWC uint8 array for ``wandb.Image``."""
+    image = image if image.dtype == torch.uint8 else (image.float().clamp(0, 1) * 255).to(torch.uint8)
+    return image.permute(1, 2, 0).squeeze(-1).numpy()

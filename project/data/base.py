@@ -1,4 +1,4 @@
-"""The base data module every image classification data module shares."""
+"""The data module every image data set shares: splits, loaders and batch augmentation."""
 
 import os
 import shutil
@@ -9,39 +9,79 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms import v2
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
-from project.data.samplers import eval_sampler
+from project.data.batches import BatchAugment, InMemory, TensorLoader, decode, whole_batch
+from project.errors import UserError, require
 
 Split = Literal["train", "val", "test"]
 
 
-class ImageDataModule(LightningDataModule):
-    """Train/val/test loaders for an image classification data set.
+def targets(dataset: Dataset) -> list[int]:
+    """The labels of a torchvision-style data set (``.targets``), through any ``Subset``."""
+    if isinstance(dataset, Subset):
+        labels = targets(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    return [int(t) for t in dataset.targets]
 
-    The validation set is carved out of the training set with a seeded generator; the test set is never used
-    for training or validation. Subclasses say where the data comes from (``make_dataset``, ``files_present``,
-    ``download``) and give its constants (``class_names``, ``image_shape``, ``mean``, ``std``).
+
+def stratified_split(labels: Sequence[int], size: float, seed: int, flag: str) -> tuple[list[int], list[int]]:
+    """Seeded ``(rest, taken)`` index lists, both in a random order; ``taken`` has ``size`` samples (a count, or a
+    fraction of all), every class in proportion (largest remainders get the odd ones)."""
+    n = len(labels)
+    want = round(n * size) if isinstance(size, float) else int(size)
+    require(0 <= want < n, f"{flag}={size} leaves no training data out of {n} samples; lower {flag}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    members: dict[int, list[int]] = {}
+    for i in order:
+        members.setdefault(labels[i], []).append(i)
+    quota = {c: want * len(m) / n for c, m in members.items()}
+    take = {c: int(q) for c, q in quota.items()}
+    for c in sorted(quota, key=lambda c: take[c] - quota[c])[: want - sum(take.values())]:
+        take[c] += 1
+    for c, m in members.items():
+        require(
+            take[c] < len(m) or not m,
+            f"class {c} has {len(m)} samples, too few to split off {take[c]}; add samples or lower {flag}",
+        )
+    chosen = {i for c, m in members.items() for i in m[: take[c]]}
+    return [i for i in order if i not in chosen], [i for i in order if i in chosen]
+
+
+class ImageDataModule(LightningDataModule):
+    """Batches of ``(uint8 images (N, C, H, W), int64 labels)`` for training, validation, test and predict.
+
+    Images stay uint8 until they reach the device; there the ``standard`` augmentation runs on whole training
+    batches (``on_after_batch_transfer``). Normalization is part of the model: ``mean`` and ``std`` are linked into
+    it, so a checkpoint or an exported model takes raw images. The validation set is a seeded, stratified part of
+    the training set; evaluation splits are served in a fixed seeded order, never sorted by class.
+
+    Subclasses give ``class_names``, ``image_shape``, ``mean``, ``std``, ``standard_augment`` and
+    ``make_datasets()``; data sets that can be fetched also ``files_present()``, ``download()`` and
+    ``missing_data_message()``.
 
     Args:
-        data_dir: folder holding the data set in torchvision's layout.
-        batch_size: training batch size (evaluation uses ``eval_batch_size`` or the same).
-        num_workers: DataLoader worker processes.
+        data_dir: the folder holding the data set.
+        batch_size: training batch size; ``eval_batch_size`` (default: the same) for validation, test, predict.
+        num_workers: DataLoader worker processes of the per-sample path (and of decoding for ``loader: tensor``).
         pin_memory: pin host memory; default: only when a CUDA device is present.
         persistent_workers: keep workers alive between epochs (only with num_workers > 0).
-        val_split: validation size taken from the training set, as a count (int) or a fraction (float).
-        augment: train-time augmentation preset: ``none`` or ``standard`` (data set specific).
-        seed: seed of the train/val split.
-        predict_split: which split ``predict`` runs on.
-        loader: ``torchvision``: per-sample transforms in a DataLoader; ``tensor``: the whole data set decoded once
-            into memory (on the accelerator), batches normalized and augmented at once (``project/data/tensor.py``).
+        val_split: validation size taken from the training set: a count (int) or a fraction (float).
+        augment: ``none``, or ``standard``: the data set's batch augmentation of training images.
+        seed: seed of the splits and of the evaluation order.
+        predict_split: the split ``predict`` runs on.
+        loader: ``torchvision``: per-sample decoding in DataLoader workers; ``tensor``: every split decoded once into
+            a uint8 tensor on the accelerator, batches cut from it (fast for data sets that fit in memory).
+        sampler: ``shuffle``, or ``weighted``: draw training samples with probability 1 / their class's frequency.
     """
 
     class_names: Sequence[str] = ()
     image_shape: tuple[int, int, int] = (1, 28, 28)
     mean: Sequence[float] = (0.5,)
     std: Sequence[float] = (0.5,)
+    standard_augment = BatchAugment()
 
     def __init__(
         self,
@@ -56,130 +96,141 @@ class ImageDataModule(LightningDataModule):
         seed: int = 42,
         predict_split: Split = "test",
         loader: Literal["torchvision", "tensor"] = "torchvision",
+        sampler: Literal["shuffle", "weighted"] = "shuffle",
     ) -> None:
         super().__init__()
-        if isinstance(val_split, float) and not 0.0 <= val_split < 1.0:
-            raise ValueError(f"val_split as a fraction must be in [0, 1), got {val_split}")
+        require(batch_size >= 1, f"--data.batch_size must be at least 1, got {batch_size}")
+        require(eval_batch_size is None or eval_batch_size >= 1, f"--data.eval_batch_size must be at least 1 or null")
+        require(num_workers >= 0, f"--data.num_workers must be 0 or more, got {num_workers}")
+        require(
+            val_split >= 0 and (isinstance(val_split, int) or val_split < 1),
+            f"--data.val_split must be a count >= 0 or a fraction in [0, 1), got {val_split}",
+        )
         self.data_dir = Path(data_dir)
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
-        self.val_split = val_split
-        self.augment = augment
-        self.seed = seed
-        self.predict_split = predict_split
-        self.loader = loader
-        self.datasets: dict[str, Dataset] = {}
+        self.val_split, self.augment, self.seed = val_split, augment, seed
+        self.predict_split, self.loader, self.sampler = predict_split, loader, sampler
+        self.splits: dict[str, Dataset] = {}
 
-    # ---- what a concrete data set provides -------------------------------------------------------------
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def make_dataset(self, train: bool, transform: Any) -> Dataset:
-        """The torchvision dataset for the train or test files, with ``transform`` applied per sample."""
+    # ---- what a data set provides ------------------------------------------------------------------------
+    def make_datasets(self) -> dict[str, Dataset]:
+        """The splits the data set comes with, e.g. ``{"train": ..., "test": ...}``: data sets of (uint8 CHW tensor,
+        label) with ``.targets``; a missing ``val`` is carved out of ``train``."""
         raise NotImplementedError
 
     def files_present(self) -> bool:
-        raise NotImplementedError
-
-    def missing_data_message(self) -> str:
-        raise NotImplementedError
+        return True
 
     def download(self, root: Path) -> None:
         """Download into ``root`` (a fresh temporary folder); the result is moved into ``data_dir`` on success."""
         raise NotImplementedError
 
-    def standard_augmentations(self) -> list[Any]:
-        return []
-
-    # ---- transforms --------------------------------------------------------------------------------------
-    def eval_transform(self) -> v2.Compose:
-        return v2.Compose(
-            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
-        )
-
-    def train_transform(self) -> v2.Compose:
-        augment = self.standard_augmentations() if self.augment == "standard" else []
-        return v2.Compose([v2.ToImage(), *augment, *self.eval_transform().transforms[1:]])
+    def missing_data_message(self) -> str:
+        return f"no data in {self.data_dir}"
 
     # ---- LightningDataModule hooks -----------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.files_present():
             return
-        with tempfile.TemporaryDirectory(dir=self._tmp_parent(), prefix=".download-") as tmp:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.data_dir, prefix=".download-") as tmp:
             try:
                 self.download(Path(tmp))
             except Exception as err:  # offline, refused, corrupt: all end the same way for the user
-                from project.errors import UserError
-
                 raise UserError(f"{self.missing_data_message()} (download failed: {type(err).__name__})") from err
             for entry in Path(tmp).iterdir():
                 target = self.data_dir / entry.name
-                if not target.exists():
-                    os.replace(entry, target)
-                else:
+                if target.exists():
                     shutil.copytree(entry, target, dirs_exist_ok=True)
-
-    def _tmp_parent(self) -> Path:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        return self.data_dir
-
-    def num_samples(self, split: str) -> int:
-        """Samples in a set-up split, whichever loader holds it (a Dataset, or the tensor path's (images, labels))."""
-        data = self.datasets[split]
-        return len(data[1]) if isinstance(data, tuple) else len(data)
-
-    def split_indices(self, n: int) -> tuple[list[int], list[int]]:
-        """Seeded, disjoint train/val indices out of ``n`` training samples."""
-        n_val = int(round(n * self.val_split)) if isinstance(self.val_split, float) else int(self.val_split)
-        if not 0 <= n_val < n:
-            raise ValueError(f"val_split={self.val_split} leaves no training data out of {n} samples")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        return sorted(order[n_val:]), sorted(order[:n_val])
+                else:
+                    os.replace(entry, target)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.loader == "tensor":
-            from project.data.tensor import setup_tensors
+        if not self.splits:
+            self.splits = self.make_datasets()
+            if "val" not in self.splits:
+                train = self.splits["train"]
+                rest, val = stratified_split(targets(train), self.val_split, self.seed, "--data.val_split")
+                self.splits["train"], self.splits["val"] = Subset(train, rest), Subset(train, val)
+            for name in ("val", "test"):  # a fixed seeded order: limit_*_batches then sees every class
+                if name in self.splits and not isinstance(self.splits[name], Subset):
+                    order = torch.randperm(len(self.splits[name]), generator=torch.Generator().manual_seed(self.seed))
+                    self.splits[name] = Subset(self.splits[name], order.tolist())
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": [self.predict_name]}
+        for name in wanted.get(stage, ["train", "val", "test"]):
+            require(name in self.splits, f"{type(self).__name__} has no {name} images in {self.data_dir}")
+            if self.loader == "tensor" and not isinstance(self.splits[name], InMemory):
+                device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+                images, labels = decode(self.splits[name], self.num_workers)
+                self.splits[name] = InMemory(images.to(device), labels.to(device), source=self.splits[name])
 
-            return setup_tensors(self, stage)
-        if stage in ("fit", "validate", None) and "train" not in self.datasets:
-            train_full = self.make_dataset(train=True, transform=self.train_transform())
-            val_full = self.make_dataset(train=True, transform=self.eval_transform())
-            train_idx, val_idx = self.split_indices(len(train_full))
-            self.datasets["train"] = Subset(train_full, train_idx)
-            self.datasets["val"] = Subset(val_full, val_idx)
-        if stage in ("test", "predict", None) and "test" not in self.datasets:
-            self.datasets["test"] = self.make_dataset(train=False, transform=self.eval_transform())
-        if stage == "predict" and self.predict_split != "test":
-            self.setup("fit")
+    def train_weights(self) -> Tensor | None:
+        """Per-sample weights of the training split for ``sampler: weighted`` (1 / class frequency), else None."""
+        if self.sampler != "weighted":
+            return None
+        data = self.splits["train"]
+        labels = torch.as_tensor(data.labels.cpu() if isinstance(data, InMemory) else targets(data))
+        return 1.0 / torch.bincount(labels).double()[labels]
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        if self.loader == "tensor":
-            from project.data.tensor import tensor_loader
+    def train_dataloader(self) -> Any:
+        data, weights = self.splits["train"], self.train_weights()
+        trainer = self.trainer
+        if isinstance(data, InMemory):
+            # the loader continues the trainer's epoch count (a resumed run's first epoch is not epoch 0)
+            epoch = trainer.fit_loop.epoch_progress.current.processed - 1 if trainer else -1
+            rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+            return TensorLoader(data, self.batch_size, torch.initial_seed(), rank, world_size, epoch, weights)
+        sampler = WeightedRandomSampler(weights, len(weights)) if weights is not None else None
+        return self._dataloader(data, self.batch_size, shuffle=sampler is None, sampler=sampler)
 
-            return tensor_loader(self, split, train)
+    def _eval_dataloader(self, name: str) -> DataLoader:
+        data = self.splits[name]
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # each sample exactly once over all processes (Lightning's default sampler pads with repeats)
+            sampler = UnrepeatedDistributedSampler(data, shuffle=False, **self.trainer.distributed_sampler_kwargs)
+        return self._dataloader(data, self.eval_batch_size, shuffle=False, sampler=sampler)
+
+    def _dataloader(self, data: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        if isinstance(data, InMemory):
+            return DataLoader(data, batch_size=batch_size, collate_fn=whole_batch, **kwargs)
         return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            sampler=None if train else eval_sampler(self.datasets[split], self.trainer),
-            drop_last=False,
+            data,
+            batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            **kwargs,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return self._eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self._eval_dataloader("test")
+
+    @property
+    def predict_name(self) -> str:
+        """``predict`` when the data set has its own unlabelled images (ImageFolder's predict_dir), else predict_split."""
+        return "predict" if "predict" in self.splits else self.predict_split
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split, train=False)
+        return self._eval_dataloader(self.predict_name)
+
+    def augment_batch(self, images: Tensor) -> Tensor:
+        """The ``augment`` preset applied to a uint8 batch: float images in [0, 1]."""
+        if self.augment == "standard":
+            return self.standard_augment(images)
+        return images
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and self.augment != "none":
+            return (self.augment_batch(batch[0]), *batch[1:])
+        return batch

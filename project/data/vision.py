@@ -12,21 +12,35 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from project.data.base import ImageDataModule
+from project.data.batches import BatchAugment
+from project.errors import UserError
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-class _MNISTFamily(ImageDataModule):
-    """28x28 grayscale digits or clothes, read from raw IDX files under ``data_dir/<Name>/raw``.
+class _TorchvisionDataModule(ImageDataModule):
+    dataset_class: Any = datasets.MNIST
+
+    def make_datasets(self) -> dict[str, Dataset]:
+        make = self.dataset_class
+        return {split: make(str(self.data_dir), train=split == "train", transform=v2.PILToTensor())
+                for split in ("train", "test")}  # fmt: skip
+
+    def download(self, root: Path) -> None:
+        self.dataset_class(str(root), train=True, download=True)
+
+
+class _MNISTFamily(_TorchvisionDataModule):
+    """28x28 grayscale images read from the raw IDX files under ``data_dir/<Name>/raw``.
 
     Args:
         gz_dir: a folder holding the four ``*-idx?-ubyte.gz`` files; they are unpacked into ``data_dir`` once.
         **kwargs: see :class:`ImageDataModule`.
     """
 
-    dataset_class: type[datasets.MNIST] = datasets.MNIST
     auto_gz_dirs: Sequence[str] = ()
     image_shape = (1, 28, 28)
+    standard_augment = BatchAugment(degrees=10, translate=0.1, scale=(0.9, 1.1))
 
     def __init__(self, *args: Any, gz_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -39,34 +53,22 @@ class _MNISTFamily(ImageDataModule):
     def files_present(self) -> bool:
         if all((self.raw_dir / name).is_file() for name in IDX_FILES):
             return True
-        source = self._gz_source()
-        if source is None:
-            return False
-        self._unpack(source)
-        return True
-
-    def _gz_source(self) -> Path | None:
-        candidates = [self.gz_dir] if self.gz_dir else list(self.auto_gz_dirs)
-        for folder in candidates:
-            if all((Path(folder) / f"{name}.gz").is_file() for name in IDX_FILES):
-                return Path(folder)
-        if self.gz_dir:
-            missing = [f"{n}.gz" for n in IDX_FILES if not (Path(self.gz_dir) / f"{n}.gz").is_file()]
-            from project.errors import UserError
-
-            raise UserError(f"gz_dir {self.gz_dir} lacks {', '.join(missing)}")
-        return None
+        for folder in [self.gz_dir] if self.gz_dir else self.auto_gz_dirs:
+            missing = [f"{n}.gz" for n in IDX_FILES if not (Path(folder) / f"{n}.gz").is_file()]
+            if not missing:
+                self._unpack(Path(folder))
+                return True
+            if self.gz_dir:
+                raise UserError(f"--data.gz_dir {self.gz_dir} lacks {', '.join(missing)}")
+        return False
 
     def _unpack(self, source: Path) -> None:
         self.raw_dir.mkdir(parents=True, exist_ok=True)
         for name in IDX_FILES:
-            target = self.raw_dir / name
-            if target.is_file():
-                continue
-            partial = target.with_name(f".{name}.partial-{os.getpid()}")
+            partial = self.raw_dir / f".{name}.partial-{os.getpid()}"
             with gzip.open(source / f"{name}.gz", "rb") as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            os.replace(partial, target)
+            os.replace(partial, self.raw_dir / name)
 
     def missing_data_message(self) -> str:
         where = f" or {' or '.join(self.auto_gz_dirs)}" if self.auto_gz_dirs else ""
@@ -74,15 +76,6 @@ class _MNISTFamily(ImageDataModule):
             f"{self.dataset_class.__name__} not found: expected {', '.join(IDX_FILES)} in {self.raw_dir}{where}; "
             f"copy them there (plain or as .gz via --data.gz_dir DIR) or run once with internet access"
         )
-
-    def download(self, root: Path) -> None:
-        self.dataset_class(str(root), train=True, download=True)
-
-    def make_dataset(self, train: bool, transform: Any) -> Dataset:
-        return self.dataset_class(str(self.data_dir), train=train, transform=transform)
-
-    def standard_augmentations(self) -> list[Any]:
-        return [v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
 
 
 class MNISTDataModule(_MNISTFamily):
@@ -103,36 +96,29 @@ class FashionMNISTDataModule(_MNISTFamily):
     std = (0.3530,)
 
 
-class _CIFAR(ImageDataModule):
-    """32x32 RGB images from the python pickle batches under ``data_dir/cifar-10(0)-batches-py`` or ``...-python``."""
+class _CIFAR(_TorchvisionDataModule):
+    """32x32 RGB images from the python pickle batches under ``data_dir/cifar-10-batches-py`` or ``cifar-100-python``."""
 
-    dataset_class: type[datasets.CIFAR10] = datasets.CIFAR10
     image_shape = (3, 32, 32)
+    standard_augment = BatchAugment(crop_padding=4, flip=True)
 
     def files_present(self) -> bool:
         # torchvision's own check: every batch file present with its published MD5
         probe = self.dataset_class.__new__(self.dataset_class)
         probe.root = str(self.data_dir)
-        return probe._check_integrity()
+        return probe._check_integrity()  # private: torchvision has no public "are the files complete" check
 
     def missing_data_message(self) -> str:
-        folder = self.data_dir / self.dataset_class.base_folder
-        files = [name for name, _ in self.dataset_class.train_list + self.dataset_class.test_list]
+        cls = self.dataset_class
+        files = [name for name, _ in cls.train_list + cls.test_list]
         return (
-            f"{self.dataset_class.__name__} not found or corrupt: expected {', '.join(files)} (python version, "
-            f"with matching MD5s) in {folder}; unpack {self.dataset_class.filename} into {self.data_dir} "
-            f"or run once with internet access"
+            f"{cls.__name__} not found or corrupt: expected {', '.join(files)} (python version, with matching MD5s) "
+            f"in {self.data_dir / cls.base_folder}; unpack {cls.filename} into {self.data_dir} or run once online"
         )
 
     def download(self, root: Path) -> None:
-        self.dataset_class(str(root), train=True, download=True)
+        super().download(root)
         (root / self.dataset_class.filename).unlink(missing_ok=True)
-
-    def make_dataset(self, train: bool, transform: Any) -> Dataset:
-        return self.dataset_class(str(self.data_dir), train=train, transform=transform)
-
-    def standard_augmentations(self) -> list[Any]:
-        return [v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip()]
 
 
 class CIFAR10DataModule(_CIFAR):

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python bench/all.py`` rewrites BENCHMARKS.md (see its docstring)."""

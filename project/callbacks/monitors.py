@@ -1,8 +1,0 @@
-"""Helpers for Lightning's monitor callbacks, referenced from configs/trainer/*.yaml."""
-
-from typing import Any
-
-
-def batch_size(batch: Any) -> int:
-    """Samples in an ``(images, labels)`` batch, for ``ThroughputMonitor(batch_size_fn=...)``."""
-    return len(batch[0])

@@ -1,0 +1,1 @@
+"""Extras a fork may delete without touching the core: export, compression, distillation, reading runs back."""
