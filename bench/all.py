@@ -1,7 +1,7 @@
 """Measure every section with its script's default arguments, then rewrite BENCHMARKS.md whole from the results.
 
-    python bench/all.py                          # every section (about an hour on 2 CPU cores), then BENCHMARKS.md
-    python bench/all.py --only overhead          # one section (or several: --only startup,data_path); keep the rest
+    python bench/all.py                          # every section (about 45 min on 2 CPU cores), then BENCHMARKS.md
+    python bench/all.py --only overhead          # one script (or several: --only startup,data_path); keep the rest
     python bench/all.py --render                 # measure nothing: rewrite BENCHMARKS.md from bench/results/*.json
     python bench/all.py --results DIR --output PATH   # other places, for trying things out
 
@@ -85,6 +85,7 @@ def render(results: Path, output: Path) -> str:
     for script, title, _, summary in SECTIONS:
         if script in loaded:
             goal, figure, verdict = getattr(importlib.import_module(script), summary)(loaded[script])
+            verdict += "" if loaded[script]["default_args"] else " (not the default arguments)"
             rows.append(f"| [{title}](#{title.lower().replace(' ', '-')}) | {goal} | {figure} | {verdict} |")
         else:
             rows.append(f"| {title} | | not measured yet | |")
@@ -106,9 +107,12 @@ def main() -> None:
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = p.parse_args()
     chosen = [] if args.render else args.only.split(",") if args.only else SCRIPTS
+    chosen = list(dict.fromkeys("overhead" if name == "memory" else name for name in chosen))  # Memory: overhead.py
     unknown = set(chosen) - set(SCRIPTS)
     if unknown:
         p.error(f"unknown section {', '.join(sorted(unknown))}; choose from {', '.join(SCRIPTS)}")
+    if chosen and os.getloadavg()[0] > 0.5:
+        print(f"warning: load average {os.getloadavg()[0]:.2f}: the machine is busy, timings will be off", flush=True)
     failed = [script for script in chosen if not measure(script, args.results)]
     args.output.write_text(render(args.results, args.output))
     print(f"wrote {args.output}" + (f"; FAILED: {', '.join(failed)} (their old results kept)" if failed else ""))

@@ -114,12 +114,16 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+LAUNCH = float(os.environ.get("BENCH_LAUNCH", time.time()))  # set by the runner just before it launched us
+
+
 def append_log(epoch: int, accuracy: float) -> None:
-    """One line ``{"seconds", "epoch", "test_acc"}`` into ``$BENCH_LOG``; seconds since ``$BENCH_LAUNCH``, the
-    ``time.time()`` the runner took just before it launched this process."""
-    seconds = time.time() - float(os.environ["BENCH_LAUNCH"])
-    with open(os.environ["BENCH_LOG"], "a") as f:
-        f.write(json.dumps({"seconds": round(seconds, 3), "epoch": epoch, "test_acc": accuracy}) + "\n")
+    """One line ``{"seconds", "epoch", "test_acc"}``, seconds since launch, printed and appended to ``$BENCH_LOG``."""
+    line = json.dumps({"seconds": round(time.time() - LAUNCH, 3), "epoch": epoch, "test_acc": accuracy})
+    print(line, flush=True)
+    if os.environ.get("BENCH_LOG"):
+        with open(os.environ["BENCH_LOG"], "a") as f:
+            f.write(line + "\n")
 
 
 def prepare_fashion_mnist() -> None:
@@ -169,10 +173,10 @@ def both(*verdicts: str) -> str:
     return "not met" if "not met" in verdicts else "met" if all(v == "met" for v in verdicts) else "not shown"
 
 
-def fmt(s: dict[str, Any], spec: str = ".2f", unit: str = "") -> str:
-    """``8.33 s (8.10–8.90)``: median, then min–max."""
+def fmt(s: dict[str, Any], spec: str = ".2f") -> str:
+    """``8.33 (8.10–8.90)``: median, then min–max."""
     f = lambda v: "not reached" if v == float("inf") else format(v, spec)  # noqa: E731
-    return f"{f(s['median'])}{unit} ({f(s['min'])}–{f(s['max'])})"
+    return f"{f(s['median'])} ({f(s['min'])}–{f(s['max'])})"
 
 
 def percent(s: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ images/s with it and without. CPU, one process, interleaved.
     python bench/data_path.py [--n 50000] [--runs 5]
 """
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ def main() -> None:
     for attr in ("train_list", "test_list", "meta"):  # torchvision checks the files' MD5s against these
         setattr(datasets.CIFAR10, attr, files[attr])
     a, b = interleave(args.runs, lambda: tensor_epoch(root), lambda: torchvision_epoch(root), ("tensor", "torchvision"))
+    shutil.rmtree(root)
     data = {
         side: {
             "with_setup": spread([n / (s + e) for s, e, n in runs]),

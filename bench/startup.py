@@ -40,9 +40,20 @@ def main() -> None:
     print(render(save(NAME, p, args, prov, {"cli": spread(cli), "bare": spread(bare)}, started)))
 
 
+def judge(r: dict) -> str:
+    return verdict(r["cli"]["runs"], r["bare"]["runs"], GOAL, at_most=True)
+
+
+def summary(r: dict) -> tuple[str, str, str]:
+    return (
+        f"`fit --help` / bare imports, wall <= {GOAL}x",
+        f"{r['cli']['median'] / r['bare']['median']:.2f}x",
+        judge(r),
+    )
+
+
 def render(r: dict) -> str:
     cli, bare = r["cli"], r["bare"]
-    v = verdict(cli["runs"], bare["runs"], GOAL, at_most=True)
     return f"""
 `{CLI}` vs `{BARE}`, each a fresh process, interleaved, {r["args"]["runs"]} runs each: median wall seconds
 (min–max).
@@ -52,7 +63,7 @@ def render(r: dict) -> str:
 | `{CLI}` | {fmt(cli)} | {runs_in_order(cli)} |
 | bare imports | {fmt(bare)} | {runs_in_order(bare)} |
 
-**Ratio {cli["median"] / bare["median"]:.2f}x** (goal <= {GOAL}x: {judged(v)}).
+**Ratio {cli["median"] / bare["median"]:.2f}x** (goal <= {GOAL}x: {judged(judge(r))}).
 
 {footer(r)}
 """

@@ -4,7 +4,7 @@ epoch, and a run's time is from process launch to the end of the first epoch at 
 then stopped). Both sides are fresh processes (start-up included), data unpacked beforehand, runs alternating.
 
     python bench/time_to_accuracy.py [--runs 3] [--target 0.91]
-    python bench/time_to_accuracy.py --reference     # the reference loop alone (BENCH_LOG, BENCH_LAUNCH: see below)
+    python bench/time_to_accuracy.py --reference     # the reference loop alone, one line per epoch
 """
 
 import json
@@ -97,7 +97,7 @@ def read_log(path: Path) -> list[dict]:
 def until_target(command: str, cwd: Path, target: float) -> dict:
     """Launch ``command``; stop it at the end of the first epoch at >= target (or let it end). Its epochs, and
     the seconds from launch to that epoch (inf: never reached)."""
-    log = Path(tempfile.mkdtemp(prefix="bench-tta-")) / "epochs.jsonl"
+    log = cwd / "bench-epochs.jsonl"
     env = child_env(BENCH_LOG=str(log))
     with tempfile.TemporaryFile() as out:
         env["BENCH_LAUNCH"] = repr(time.time())
@@ -209,14 +209,14 @@ def render(r: dict) -> str:
     why = OVERLAP if reached(r) else "some runs missed the target"
     image = f"\n![test accuracy vs seconds since launch]({r['plot']})\n" if r.get("plot") else ""
     return f"""
-Template: `{TEMPLATE}{extra}` (the fast recipe through the real CLI; the bench-only callback
+Template: `{TEMPLATE}{extra}` (the fast recipe through the real CLI, W&B offline; the bench-only callback
 `bench/callbacks.py` `TestAccuracyLog` evaluates the whole test set after every training epoch). Reference:
-`{REFERENCE}`, the pytorch/examples MNIST recipe as a plain loop on Fashion-MNIST (conv 32 -> conv 64 -> max-pool ->
-dropout 0.25 -> FC 128 -> dropout 0.5 -> FC 10, Adadelta lr 1.0, StepLR gamma 0.7 per epoch, batch 64, per-sample
-ToTensor + Normalize, at most {r["args"]["epochs"]} epochs), the test set evaluated after every epoch. Same stop rule on
-both sides: time from process launch (start-up included) to the end of the first epoch whose test accuracy is >=
-{target:.0%}, evaluation included; the run is then stopped. Data unpacked beforehand for both. Alternating,
-{r["args"]["runs"]} runs each.
+`{REFERENCE}`, the pytorch/examples MNIST recipe as a plain loop on Fashion-MNIST (conv 32 -> conv 64 ->
+max-pool -> dropout 0.25 -> FC 128 -> dropout 0.5 -> FC 10, Adadelta lr 1.0, StepLR gamma 0.7 per epoch, batch 64,
+per-sample ToTensor + Normalize, at most {r["args"]["epochs"]} epochs), the test set evaluated after every epoch.
+Same stop rule on both sides: time from process launch (start-up included) to the end of the first epoch whose
+test accuracy is >= {target:.0%}, evaluation included; the run is then stopped. Data unpacked beforehand for both;
+each run a fresh process in a fresh folder. Alternating, {r["args"]["runs"]} runs each.
 
 | run | template recipe | reference loop |
 |---|---|---|

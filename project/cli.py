@@ -14,6 +14,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from project.callbacks.interrupt import GracefulInterrupt
@@ -74,22 +75,51 @@ class CLI(LightningCLI):
         parser.add_lightning_class_args(WandbPredictionMedia, "wandb_media")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except UserError as err:  # name the config file that does not parse
+            if str(err).startswith("YAML syntax error"):
+                given = list(sys.argv[1:] if args is None else args)
+                files = [given[i + 1] for i, a in enumerate(given[:-1]) if a in ("-c", "--config")]
+                files += [a.split("=", 1)[1] for a in given if a.startswith("--config=")]
+                broken = [f for f in files if Path(f).is_file() and not yaml_loads(Path(f))]
+                raise UserError(str(err).replace("YAML syntax error", f"YAML syntax error in {broken[0]}")) from err
+            raise
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":  # a new process writes into a new folder: find the last.ckpt of the run given
-            config.ckpt_path = last_checkpoint_of_run(config.get("config") or [])
+            config.ckpt_path = last_checkpoint_of_run(config.get("config") or [], config.last_checkpoint.dirpath)
         elif ckpt_path and ckpt_path not in ("best", "hpc", "registry") and "://" not in str(ckpt_path):
             # Lightning reads the model's config from this file next: make sure it is one of ours
             if not Path(ckpt_path).is_file():
                 near = [str(p) for p in Path(ckpt_path).parent.glob("*.ckpt")] if Path(ckpt_path).parent.is_dir() else []
                 raise UserError(f"--ckpt_path {ckpt_path}: no such file{did_you_mean(str(ckpt_path), near)}")
-            hparams = load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters", {})
+            checkpoint = load_checkpoint(ckpt_path, mmap=True)
+            hparams = checkpoint.get("hyper_parameters", {})
             require(
                 isinstance(hparams.get("net"), dict),
                 f"--ckpt_path {ckpt_path} comes from another model (hyperparameters: {', '.join(map(str, hparams))}); "
                 f"pass a checkpoint written by this project's fit",
             )
+        self.resume_run_id = self.wandb_run_to_resume(config)
+
+    def wandb_run_to_resume(self, config: Namespace) -> str | None:
+        """The W&B run id in the checkpoint a fit resumes from: ``--ckpt_path``, or under SLURM the newest
+        ``hpc_ckpt_<N>.ckpt`` Lightning itself resumes from after a requeue."""
+        if self.config.get("subcommand") not in ("fit", None):
+            return None
+        path = config.get("ckpt_path")
+        if path is None and SLURMEnvironment.detect():
+            saved = sorted(Path(config.trainer.default_root_dir or ".").glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem[9:]))
+            path = saved[-1] if saved else None
+        if path is None or not Path(path).is_file():
+            return None
+        return load_checkpoint(path, mmap=True).get("wandb_run_id")
+
+    def after_instantiate_classes(self) -> None:
+        for logger in self.trainer.loggers if self.resume_run_id else ():
+            if isinstance(logger, WandbLogger):
+                logger.resume(self.resume_run_id)  # before Lightning creates the run at setup
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -136,6 +166,14 @@ class CLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
+def yaml_loads(path: Path) -> bool:
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return False
+    return True
+
+
 def writable(path: Path) -> bool:
     """Whether ``path`` is or could be made a folder we can write into (nothing is created)."""
     while not path.exists():
@@ -149,11 +187,11 @@ def run_name(data_class_path: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
-def last_checkpoint_of_run(config_files: Sequence[Any]) -> str:
-    """The ``checkpoints/last.ckpt`` next to the run's saved ``config.yaml`` among ``config_files`` (the last wins):
-    ``python -m project fit -c runs/mnist/version_0/config.yaml --ckpt_path last``."""
+def last_checkpoint_of_run(config_files: Sequence[Any], dirpath: str | None = None) -> str:
+    """``last.ckpt`` in ``--last_checkpoint.dirpath`` when given, else next to the run's saved ``config.yaml`` among
+    ``config_files`` (the last wins): ``python -m project fit -c runs/mnist/version_0/config.yaml --ckpt_path last``."""
     paths = [Path(str(f)) for f in config_files]
-    for candidate in [f.parent / "checkpoints" / "last.ckpt" for f in reversed(paths)]:
+    for candidate in [Path(dirpath or "-") / "last.ckpt", *(f.parent / "checkpoints" / "last.ckpt" for f in reversed(paths))]:
         if candidate.is_file():
             return str(candidate)
     raise UserError(

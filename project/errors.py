@@ -7,7 +7,9 @@ bug and keeps its traceback. ``--debug`` or ``PROJECT_DEBUG=1`` shows the traceb
 
 import difflib
 import errno
+import inspect
 import os
+import pydoc
 import re
 import sys
 from collections.abc import Iterator
@@ -28,20 +30,34 @@ def did_you_mean(word: str, candidates: list[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
+def parameters(class_path: str) -> list[str]:
+    """The named ``__init__`` parameters of a class, following ``**kwargs`` into its base classes."""
+    names: list[str] = []
+    for cls in getattr(pydoc.locate(class_path), "__mro__", ()):
+        if "__init__" in vars(cls):
+            params = inspect.signature(cls.__init__).parameters.values()
+            names += [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+    return names
+
+
 def parse_error(message: str, options: list[str]) -> str:
     """jsonargparse's (nested, multi-line) message as one line: where, the innermost reason, the value given."""
     lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
+    if lines and lines[0].startswith("Problems parsing config"):  # yaml's own message, position last
+        where = re.findall(r"line \d+, column \d+", message)[-1:]
+        return f"YAML syntax error ({', '.join(where)}): {[x for x in lines if not x.startswith('in ')][-1]}; fix the file"
     keys = [k for k in re.findall(r'Parser key "([^"]+)"', message) if k != "config"]
-    noise = r"Parser key|Does not validate|Subtypes:|Errors:|Given value|Expected a <class 'NoneType'>|Problem with|Type "
+    noise = r"Parser key|Does not validate|Subtypes|Errors|Given value|Expected a <class 'NoneType'>|Expected a path|Problem|Type "
     reasons = [line for line in lines if not re.match(noise, line)] or lines
     reason = reasons[0]
-    if m := re.match(r"unrecognized arguments: .*?(--[\w.]+)", reason) or re.search(r"(--[\w.]+)", reason if "does not accept" in reason else ""):
-        return f"unknown option {m[1]}{did_you_mean(m[1], options)}; `python -m project <subcommand> --help` lists them"
+    if m := re.search(r"unrecognized arguments: (?:\w+ )*(--[\w.]+)|(?:Group '([\w.]+)' )?does not accept option '([\w.]+)'", reason):
+        option = m[1] or "--" + ".".join(filter(None, m.groups()[1:]))
+        return f"unknown option {option}{did_you_mean(option, options)}; `python -m project <subcommand> --help` lists them"
     if m := re.match(r"Option '(\w+)' is not accepted", reason):
-        cls = re.findall(r"class_path '([\w.]+)'", message)[-1]
-        module, _, name = cls.rpartition(".")
-        params = list(__import__("inspect").signature(getattr(__import__(module, fromlist=[name]), name)).parameters)
-        return f"{name} has no parameter '{m[1]}'{did_you_mean(m[1], params)} (in {'.'.join(keys)}.init_args)"
+        name = re.findall(r"class_path '([\w.]+)'", message)[-1]
+        return f"{name.rsplit('.')[-1]} has no parameter '{m[1]}'{did_you_mean(m[1], parameters(name))}"
     given = re.findall(r"Given value: (.*)", message)
     value = f", got {given[-1]}" if given and "Expected a <class" in reason else ""
     return f"{'.'.join(keys) + ': ' if keys else ''}{reason}{value}"

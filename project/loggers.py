@@ -9,7 +9,7 @@ the run, and a resumed fit continues the same run.
 - **folders**: each run gets ``<save_dir>/<name>/version_<N>/`` like the CSV logger; W&B's files, the resolved
   ``config.yaml`` and ``checkpoints/`` all live in it.
 - **resume**: checkpoints carry the run id (``SaveConfigCallback``); a fit resumed from one (``--ckpt_path``, or a
-  SLURM requeue) logs into the same W&B run, its steps continuing.
+  SLURM requeue) logs into the same W&B run, its steps continuing (the CLI calls ``resume`` before the run starts).
 - **artifacts** (``log_model``): checkpoints with aliases ``best``/``last``/``latest`` and the run's ``config.yaml``.
 """
 
@@ -29,6 +29,8 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.utilities import _scan_checkpoints  # private: Lightning's own artifact bookkeeping
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from project.errors import UserError
 
 Mode = Literal["online", "offline", "disabled"]
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +132,9 @@ class WandbLogger(LightningWandbLogger):
         super().__init__(name=name, save_dir=save_dir, project=project, log_model=log_model, entity=entity,
                          checkpoint_name=checkpoint_name, group=group, tags=tags, notes=notes, job_type=job_type)  # fmt: skip
         self.root, self.run_dir = Path(save_dir) / (name or ""), None
+        given = mode or os.environ.get("WANDB_MODE")
+        if given not in (None, "", "online", "offline", "disabled", "dryrun", "run"):
+            raise UserError(f"W&B mode {given!r} (WANDB_MODE or the logger's mode) must be online, offline or disabled")
         self.mode, self.timeout, self.why = mode, timeout, ""
         self.run_config: dict[str, Any] | None = None
 
@@ -230,7 +235,7 @@ class WandbLogger(LightningWandbLogger):
 
 class SaveConfigCallback(LightningSaveConfigCallback):
     """Saves ``config.yaml`` in the run folder, as Lightning's does; hands the full config to the W&B logger, and
-    keeps the W&B run id in checkpoints so that a resumed fit continues that run."""
+    keeps the W&B run id in checkpoints (the CLI resumes that run when a fit resumes from one)."""
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         config = json.loads(json.dumps(self.config.clone().as_dict(), default=str))
@@ -243,7 +248,3 @@ class SaveConfigCallback(LightningSaveConfigCallback):
             if trainer.is_global_zero and logger.experiment.id:
                 checkpoint["wandb_run_id"] = logger.experiment.id
 
-    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        for logger in (lg for lg in trainer.loggers if isinstance(lg, WandbLogger)):
-            if checkpoint.get("wandb_run_id"):
-                logger.resume(checkpoint["wandb_run_id"])

@@ -63,9 +63,11 @@ def fit(config: str, data_dir: Path, *extra: str, subcommand: str = "fit", run: 
                      *extra], run=run)  # fmt: skip
 
 
-def run_module(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """``python -m <args>`` as a separate process (stdin closed), with the repository on the path."""
+def run_module(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str | None) -> subprocess.CompletedProcess:
+    """``python -m <args>`` as a separate process (stdin closed), with the repository on the path; ``env`` values
+    of None unset a variable."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    environment = {k: v for k, v in environment.items() if v is not None}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=environment, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
 

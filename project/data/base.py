@@ -1,6 +1,7 @@
 """The data module every image data set shares: splits, loaders and batch augmentation."""
 
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -154,7 +155,13 @@ class ImageDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            self.splits = self.make_datasets()
+            try:
+                self.splits = self.make_datasets()
+            except (AssertionError, EOFError, pickle.UnpicklingError, RuntimeError) as err:  # torchvision's readers
+                raise UserError(
+                    f"could not read the data set in {self.data_dir} ({type(err).__name__}: {str(err)[:120]}); a file "
+                    f"is probably truncated or corrupt: delete it and copy it again"
+                ) from err
             if "val" not in self.splits:
                 train = self.splits["train"]
                 rest, val = stratified_split(targets(train), self.val_split, self.seed, "--data.val_split")
