@@ -1,82 +1,129 @@
+"""Nets and the classifier: shapes, preprocessing, parameter groups, transfer learning."""
+
+import warnings
+
 import pytest
 import torch
+from lightning.pytorch import Callback
 from torch import nn
+from torchvision import models
 
+from project.cli import cli_main
+from project.errors import UserError
 from project.models import ImageClassifier
-from project.models.nets import MLP, ResNet, SmallCNN
+from project.models.nets import MLP, ResNet, SmallCNN, TorchvisionBackbone
+from tests.conftest import CONFIGS, QUIET
+from tests.formats import write_image_folder
 
 
 @pytest.mark.parametrize(
-    "net, shape",
+    ("net", "shape"),
     [
         (MLP(num_classes=7, input_shape=(1, 28, 28)), (1, 28, 28)),
-        (SmallCNN(num_classes=7, input_shape=(1, 28, 28)), (1, 28, 28)),
         (SmallCNN(num_classes=7, input_shape=(3, 40, 40)), (3, 40, 40)),
         (SmallCNN(num_classes=7, input_shape=(1, 28, 28), width=4, stages=2, head="flatten", hidden=16), (1, 28, 28)),
         (ResNet(num_classes=7, input_shape=(3, 32, 32), blocks=(1, 1), width=8), (3, 32, 32)),
+        (TorchvisionBackbone(num_classes=7, input_shape=(1, 32, 32), arch="mobilenet_v3_small"), (1, 32, 32)),
+        (TorchvisionBackbone(num_classes=7, input_shape=(3, 32, 32), arch="efficientnet_b0"), (3, 32, 32)),
     ],
 )
 def test_nets_map_images_to_logits(net, shape):
-    out = net(torch.randn(4, *shape))
-    assert out.shape == (4, 7) and torch.isfinite(out).all()
+    out = net(torch.randn(2, *shape))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
     out.sum().backward()
-    assert all(p.grad is not None for p in net.parameters())
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
-def test_small_cnn_flatten_head_keeps_where_features_are():
-    """head="flatten": the output layer sees each position of the last stage (7x7 after two stages on 28x28);
-    the default global max-pool cannot tell a pattern's position."""
-    flat = SmallCNN(num_classes=2, width=4, stages=2, head="flatten").eval()
-    pooled = SmallCNN(num_classes=2, width=4, stages=2).eval()
+def test_small_cnn_flatten_head_keeps_where_features_are_and_resnet_blocks_start_as_identity():
+    flat, pooled = SmallCNN(num_classes=2, width=4, stages=2, head="flatten").eval(), SmallCNN(2, width=4, stages=2).eval()
     assert flat.head[-1].in_features == 8 * 7 * 7 and pooled.head[-1].in_features == 8
     left, right = torch.zeros(1, 1, 28, 28), torch.zeros(1, 1, 28, 28)
     left[..., 12:16, 4:8], right[..., 12:16, 16:20] = 1.0, 1.0  # same alignment to the pools, off the borders
     torch.testing.assert_close(pooled(left), pooled(right))
     assert not torch.allclose(flat(left), flat(right))
-
-
-def test_resnet_blocks_start_as_identity():
-    net = ResNet(num_classes=3, blocks=(1, 1), width=8).eval()
-    block = net.stages[0]
-    x = torch.relu(torch.randn(2, 8, 8, 8))
+    block, x = ResNet(num_classes=3, blocks=(1, 1), width=8).eval().stages[0], torch.relu(torch.randn(2, 8, 8, 8))
     torch.testing.assert_close(block(x), x)
 
 
-def test_no_weight_decay_on_biases_and_norms():
-    model = ImageClassifier(SmallCNN(num_classes=10), num_classes=10)
+def test_classifier_normalizes_raw_images_itself():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    model = ImageClassifier(net, num_classes=2, mean=[0.5], std=[0.25], channels_last=True).eval()
+    images = torch.tensor([[[[0, 64], [128, 255]]]], dtype=torch.uint8)
+    torch.testing.assert_close(model(images), net((images / 255 - 0.5) / 0.25))
+    torch.testing.assert_close(model(images), model(images / 255))  # float input in [0, 1]
+    out = model.predict_step((images, torch.zeros(1)), 0)
+    torch.testing.assert_close(out["probs"].sum(-1), torch.ones(1)) and torch.equal(out["preds"], out["probs"].argmax(-1))
+
+
+def test_parameter_groups_metrics_and_hyperparameters():
+    model = ImageClassifier(SmallCNN(num_classes=11), num_classes=11, class_names=list("abcdefghijk"), label_smoothing=0.1)
     decay, no_decay = model.parameter_groups()
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
-    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
-    assert norm_params <= {id(p) for p in no_decay["params"]} and no_decay["weight_decay"] == 0.0
-    optimizer = model.configure_optimizers()
-    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.05
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert all(p.ndim > 1 for p in decay["params"]) and norms <= {id(p) for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and model.configure_optimizers().param_groups[0]["weight_decay"] == 0.05
+    assert "val/top5" in model.val_metrics.keys()  # only with more than ten classes
+    assert "net" not in model.hparams and "optimizer" not in model.hparams, "no objects pickled into checkpoints"
+    assert model.hparams["class_names"] == list("abcdefghijk") and model.hparams["label_smoothing"] == 0.1
+    weighted = ImageClassifier(MLP(num_classes=2, input_shape=(1, 2, 2)), num_classes=2, class_weights=[1.0, 3.0])
+    logits, y = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 1])
+    torch.testing.assert_close(weighted.criterion(logits, y), nn.functional.cross_entropy(logits, y, weight=torch.tensor([1.0, 3.0])))
 
 
-def test_top5_only_with_more_than_ten_classes():
-    assert "val/top5" not in ImageClassifier(MLP(num_classes=10), num_classes=10).val_metrics.keys()
-    assert "val/top5" in ImageClassifier(MLP(num_classes=11), num_classes=11).val_metrics.keys()
+def test_compile_keeps_state_dict_keys():
+    torch._dynamo.reset()
+    model = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), num_classes=2, compile={"backend": "eager"})
+    keys = set(model.state_dict())
+    model.setup("fit")
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model(torch.rand(3, 1, 2, 2))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before and set(model.state_dict()) == keys
 
 
-def test_python_api_keeps_objects_out_of_hyperparameters():
-    """A net object must not be pickled into the checkpoint (weights_only loading would refuse it)."""
-    model = ImageClassifier(SmallCNN(num_classes=4), num_classes=4, class_names=list("abcd"), label_smoothing=0.1)
-    assert "net" not in model.hparams and "optimizer" not in model.hparams
-    assert model.hparams["class_names"] == list("abcd") and model.hparams["label_smoothing"] == 0.1
+def test_pretrained_weights_from_a_local_file_and_offline_names(tmp_path, monkeypatch):
+    source = models.mobilenet_v3_small(weights=None)  # stands in for downloaded weights (1000-class head)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    net = TorchvisionBackbone(num_classes=3, arch="mobilenet_v3_small", pretrained_weights=str(tmp_path / "weights.pth"))
+    loaded = net.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items() if not k.startswith("classifier.3."))
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="does not fit mobilenet_v3_small"):
+        TorchvisionBackbone(arch="mobilenet_v3_small", pretrained_weights=str(tmp_path / "other.pth"))
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError))
+    with pytest.raises(UserError, match=r"need a download from https://\S+resnet18\S+\.pth.*local path"):
+        TorchvisionBackbone(arch="resnet18", pretrained_weights="IMAGENET1K_V1")
 
 
-def test_predict_step_returns_classes_and_probabilities():
-    model = ImageClassifier(MLP(num_classes=5), num_classes=5).eval()
-    out = model.predict_step((torch.randn(6, 1, 28, 28), torch.zeros(6)), 0)
-    assert out["preds"].shape == (6,) and out["probs"].shape == (6, 5)
-    torch.testing.assert_close(out["probs"].sum(-1), torch.ones(6))
-    assert torch.equal(out["preds"], out["probs"].argmax(-1))
+class Trainable(Callback):
+    """Per epoch: which backbone parameters train, and the learning rates of the optimizer's groups."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            groups = trainer.optimizers[0].param_groups
+            trains = {n for n, p in pl_module.backbone.named_parameters() if p.requires_grad}
+            self.epochs.append((trains, [g["lr"] for g in groups]))
 
 
-def test_channels_last_gives_the_same_logits():
-    torch.manual_seed(0)
-    net = SmallCNN(num_classes=3)
-    plain = ImageClassifier(net, num_classes=3).eval()
-    x = torch.randn(2, 1, 28, 28)
-    expected = plain(x)
-    fast = ImageClassifier(net, num_classes=3, channels_last=True).eval()
-    torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-4)
+def test_finetune_config_freezes_the_whole_backbone_then_trains_it_slower(tmp_path):
+    """configs/finetune/resnet18.yaml as its comment says: the backbone's weights frozen while the head trains (its
+    batch norms train), then added at 1/10 of the head's learning rate, doubling each epoch; no warning about
+    parameter groups."""
+    root = write_image_folder(tmp_path / "imgs", {"red": 8, "stripes": 8})
+    torch.save(models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "weights.pth")
+    cli = cli_main([f"--config={CONFIGS / 'folder.yaml'}", f"--config={CONFIGS / 'finetune/resnet18.yaml'}", *QUIET,
+                    f"--data.init_args.data_dir={root}", "--data.init_args.image_size=32", "--data.init_args.batch_size=8",
+                    "--data.init_args.test_split=0.0", "--model.init_args.net.init_args.arch=mobilenet_v3_small",
+                    f"--model.init_args.net.init_args.pretrained_weights={tmp_path / 'weights.pth'}",
+                    "--trainer.callbacks.init_args.unfreeze_backbone_at_epoch=1", "--trainer.max_epochs=3"], run=False)  # fmt: skip
+    probe = Trainable()
+    cli.trainer.callbacks.append(probe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert not [w for w in caught if "already exist" in str(w.message)]
+    (frozen, lrs0), (trains, lrs1), (_, lrs2) = probe.epochs
+    norms = {f"{n}.{p}" for n, m in cli.model.backbone.named_modules() if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")}
+    assert frozen == norms and trains == {n for n, _ in cli.model.backbone.named_parameters()}
+    assert len(lrs1) == len(lrs0) + 1 and lrs1[-1] == pytest.approx(lrs1[0] * 0.1) and lrs2[-1] == pytest.approx(2 * lrs1[-1])
