@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torchvision import datasets
 
 from project.cli import cli_main
@@ -18,6 +19,8 @@ FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1"]
 CSV = f"--config={CONFIGS / 'logger' / 'csv.yaml'}"  # W&B is the default logger; tests/test_wandb.py covers it
 os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")  # quiet, offline, never prompt
+# One thread per test process (pytest-xdist runs one process per core): tiny ops on two threads only wait on each other.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

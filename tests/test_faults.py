@@ -197,12 +197,8 @@ def test_sigkill_at_random_steps_and_resume_is_bit_identical(tmp_path, mnist_roo
              "--data.init_args.loader=tensor", "--model.init_args.net.init_args.hidden=[16]",
              "--trainer.limit_val_batches=2", f"--last_checkpoint.every_n_train_steps={every}",
              f"--last_checkpoint.dirpath={tmp_path / 'checkpoints'}"]  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the processes (OMP_NUM_THREADS=1): the same order of float additions
-    try:
-        reference = fit("mnist.yaml", mnist_root, *train[3:-1])  # its own checkpoint folder
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == 1  # as in the processes (OMP_NUM_THREADS=1): the same order of float additions
+    reference = fit("mnist.yaml", mnist_root, *train[3:-1])  # its own checkpoint folder
     total = reference.trainer.global_step
     kills = sorted(random.Random(8).sample(range(every + 1, total - 2), 2))
     for i, step in enumerate([*kills, None]):
