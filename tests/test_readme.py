@@ -1,0 +1,117 @@
+"""The README's promises, run as a user runs them: every `python -m project...` command in README.md, in the order
+written, in one fresh folder holding small format-exact data where the README says data goes, the files the README
+shows (`# my_nets.py`, `# tiny.yaml`, ...) written from its own code blocks. Each command runs through `runpy`
+exactly as `python -m` runs it, all in one separate process (a process each would cost 7 s of imports), with epoch
+and batch limits appended. The main job also runs as a process of its own: its console must be clean."""
+
+import json
+import re
+import runpy
+import shlex
+import shutil
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import QUIET, ROOT, run_module
+
+README = ROOT / "README.md"
+LIMITS = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
+          "--trainer.limit_predict_batches=2"]  # fmt: skip
+
+
+def commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [re.sub(r"\s+#.*", "", line) for line in lines if line.startswith("python -m project")]
+
+
+def shown_files() -> dict[str, str]:
+    """Code blocks whose first line names a file: ``# my_nets.py``."""
+    return {m[1]: m[2] for m in re.finditer(r"```\w+\n# ([\w.]+\.\w+)\n(.*?)```", README.read_text(), re.S)}
+
+
+def as_run(command: str) -> tuple[str, list[str], str | None]:
+    """Module, arguments with the test's limits, and the file stdout is redirected to."""
+    words = shlex.split(command)
+    output = words[words.index(">") + 1] if ">" in words else None
+    words = words[: words.index(">")] if output else words
+    module, args = words[2], words[3:]
+    if module == "project" and args[0] in ("fit", "validate", "test", "predict"):
+        args += [*QUIET, *LIMITS, "--data.num_workers=0"]
+        args += ["--trainer.max_epochs=1"] if args[0] == "fit" else []
+        args += ["--data.val_split=0.2"] if any("cifar" in a for a in args) else []
+    return module, args, output
+
+
+def test_readme_shows_the_main_commands():
+    found = commands()
+    assert len(found) >= 15 and "python -m project fit --config configs/fashion_mnist.yaml" in found
+    assert {"my_nets.py", "tiny.yaml", "my_images.yaml"} <= set(shown_files())
+
+
+@pytest.mark.slow  # about twenty commands
+def test_every_readme_command_runs_as_written(tmp_path, mnist_root, cifar_root, image_root):
+    shutil.copytree(mnist_root, tmp_path / "data")
+    shutil.copytree(cifar_root[0], tmp_path / "data", dirs_exist_ok=True)
+    shutil.copytree(image_root, tmp_path / "my_images")
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    for name, text in shown_files().items():
+        (tmp_path / name).write_text(text)
+    from torchvision.models import resnet18
+
+    torch.save(resnet18().state_dict(), tmp_path / "resnet18-f37072fd.pth")  # stands in for the downloaded weights
+    md5 = {n: {k: cifar_root[1][n][k] for k in ("train_list", "test_list", "meta")} for n in (10, 100)}
+    (tmp_path / "cifar-md5.json").write_text(json.dumps(md5))
+    (tmp_path / "commands.json").write_text(json.dumps([as_run(c) for c in commands()]))
+    done = run_module("tests.test_readme", str(tmp_path), cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    ran = done.stdout.count("ran: python -m ")
+    assert ran == len(commands()), done.stdout[-3000:]
+    assert len(list((tmp_path / "runs").rglob("config.yaml"))) >= 10 and (tmp_path / "my.yaml").is_file()
+    assert list((tmp_path / "runs" / "image_folder").rglob("predictions.csv"))
+
+
+def test_the_main_job_command_runs_with_a_clean_console(mnist_root, tmp_path):
+    """What a new user sees: the progress bar, the metrics, the W&B line, and nothing that looks like a problem."""
+    shutil.copytree(mnist_root, tmp_path / "data")
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    done = run_module("project", "fit", "--config", "configs/fashion_mnist.yaml", *LIMITS, "--trainer.max_epochs=1",
+                      cwd=tmp_path, WANDB_MODE=None, WANDB_API_KEY=None, HOME=str(tmp_path))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    assert "test/acc" in console and "W&B run saved offline" in console
+    noise = [line for line in console.splitlines()
+             if re.search(r"warn|deprecat|traceback|error|litlogger|FLOPs: 0\b|not recommended", line, re.I)]  # fmt: skip
+    assert noise == [], noise
+
+
+def main(folder: str) -> None:
+    """Run the prepared commands (``python -m tests.test_readme FOLDER``), stopping at the first that fails."""
+    from torchvision import datasets
+
+    for n, lists in json.loads(Path(folder, "cifar-md5.json").read_text()).items():
+        for attr, value in lists.items():
+            setattr(datasets.CIFAR10 if n == "10" else datasets.CIFAR100, attr, value)
+    sys.path.insert(0, folder)  # my_nets.py, where the user put it
+    for module, args, output in json.loads(Path(folder, "commands.json").read_text()):
+        sys.argv = [f"python -m {module}", *args]
+        out = open(output, "w") if output else sys.stdout  # noqa: SIM115
+        try:
+            with redirect_stdout(out):
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as exit:
+            if exit.code not in (0, None):
+                print(f"failed ({exit.code}): python -m {module} {shlex.join(args)}")
+                raise
+        finally:
+            if output:
+                out.close()
+        print(f"ran: python -m {module} {shlex.join(args)}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
