@@ -1,15 +1,13 @@
 """Errors a user can fix, and the one place they reach the terminal: ``error: <what is wrong; how to fix it>``.
 
 ``python -m project`` and the tools run inside :func:`exit_on_user_error`: a :class:`UserError`, a bad argument, a
-full or read-only disk and the few library errors below become that one line and exit code 2; anything else is a
-bug and keeps its traceback. ``--debug`` or ``PROJECT_DEBUG=1`` shows the traceback of every error.
+full or read-only disk and the few library errors in :func:`one_line` become that one line and exit code 2;
+anything else is a bug and keeps its traceback. ``--debug`` or ``PROJECT_DEBUG=1`` shows every traceback.
 """
 
 import difflib
 import errno
-import inspect
 import os
-import pydoc
 import re
 import sys
 from collections.abc import Iterator
@@ -30,67 +28,29 @@ def did_you_mean(word: str, candidates: list[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
-def parameters(class_path: str) -> list[str]:
-    """The named ``__init__`` parameters of a class, following ``**kwargs`` into its base classes."""
-    names: list[str] = []
-    for cls in getattr(pydoc.locate(class_path), "__mro__", ()):
-        if "__init__" in vars(cls):
-            params = inspect.signature(cls.__init__).parameters.values()
-            names += [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-            if not any(p.kind is p.VAR_KEYWORD for p in params):
-                break
-    return names
-
-
 def parse_error(message: str, options: list[str]) -> str:
-    """jsonargparse's (nested, multi-line) message as one line: where, the innermost reason, the value given."""
+    """jsonargparse's nested, multi-line message as one line: the key, its innermost reason, the value given."""
     lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
-    if lines and lines[0].startswith("Problems parsing config"):  # yaml's own message, position last
-        where = re.findall(r"line \d+, column \d+", message)[-1:]
-        return f"YAML syntax error ({', '.join(where)}): {[x for x in lines if not x.startswith('in ')][-1]}; fix the file"
-    keys = [k for k in re.findall(r'Parser key "([^"]+)"', message) if k != "config"]
-    noise = r"Parser key|Does not validate|Subtypes|Errors|Given value|Expected a <class 'NoneType'>|Expected a path|Problem|Type "
-    reasons = [line for line in lines if not re.match(noise, line)] or lines
-    reason = reasons[0]
-    if m := re.search(r"unrecognized arguments: (?:\w+ )*(--[\w.]+)|(?:Group '([\w.]+)' )?does not accept option '([\w.]+)'", reason):
-        option = m[1] or "--" + ".".join(filter(None, m.groups()[1:]))
+    if lines[0].startswith("Problems parsing config"):  # yaml's own message: the position of the problem last
+        where = re.findall(r"line \d+, column \d+", message)[-1]
+        return f"YAML syntax error ({where}): {[x for x in lines if not x.startswith('in ')][-1]}; fix the file"
+    unknown = re.search(r"unrecognized arguments: (?:\w+ )*(--[\w.]+)|(?:Group '([\w.]+)' )?does not accept option '([\w.]+)'", message)
+    if unknown:
+        option = unknown[1] or "--" + ".".join(filter(None, unknown.groups()[1:]))
         return f"unknown option {option}{did_you_mean(option, options)}; `python -m project <subcommand> --help` lists them"
+    noise = r"Parser key|Does not validate|Subtypes|Errors|Given value|Expected a <class 'NoneType'>|Expected a path|Problem|Type "
+    reason = next((line for line in lines if not re.match(noise, line)), lines[0])
     if m := re.match(r"Option '(\w+)' is not accepted", reason):
-        name = re.findall(r"class_path '([\w.]+)'", message)[-1]
-        return f"{name.rsplit('.')[-1]} has no parameter '{m[1]}'{did_you_mean(m[1], parameters(name))}"
-    given = re.findall(r"Given value: (.*)", message)
-    value = f", got {given[-1]}" if given and "Expected a <class" in reason else ""
-    return f"{'.'.join(keys) + ': ' if keys else ''}{reason}{value}"
-
-
-def library_error(err: BaseException) -> str | None:
-    """A library error users really hit, as one line; None for anything else."""
-    text = str(err)
-    if not isinstance(err, RuntimeError):
-        return None
-    if "Error(s) in loading state_dict" in text:
-        m = re.search(r"size mismatch for ([\w.]+): copying a param with shape (\S+).*?model is (\S+)\.", text, re.S)
-        detail = f"{m[1]}: {m[2]} saved, {m[3]} here" if m else "other weights"
-        return (
-            f"the checkpoint does not fit this model ({detail}): it was trained with another net or num_classes; "
-            f"use the config.yaml saved next to it, e.g. -c runs/<name>/version_<N>/config.yaml"
-        )
-    if re.search(r"Connection (reset|closed) by peer|Watchdog caught collective|NCCL.*[Tt]imeout", text):
-        return (
-            "a DDP worker stopped answering (it died or hung), so the job stops instead of waiting; look above for "
-            "that worker's own error (out of memory, killed), fix it, then resume with --ckpt_path last"
-        )
-    if m := re.search(r"--ntasks-per-node=(\d+)", text):
-        return (
-            f"SLURM started the tasks with -n/--ntasks; Lightning needs them per node: submit with "
-            f"--ntasks-per-node={m[1]} matching --trainer.devices (and --nodes matching --trainer.num_nodes)"
-        )
-    return None
+        cls = re.findall(r"class_path '([\w.]+)'", message)[-1].rsplit(".")[-1]
+        return f"{cls} has no parameter '{m[1]}'"
+    keys = [k for k in re.findall(r'Parser key "([^"]+)"', message) if k != "config"]
+    given = re.findall(r"Given value: (.*)", message) if "Expected a <class" in reason else []
+    return f"{'.'.join(keys) + ': ' if keys else ''}{reason}{', got ' + given[-1] if given else ''}"
 
 
 def one_line(err: BaseException) -> str | None:
     """The line to print for an error the user can act on, or None for a bug."""
-    cause: BaseException | None = err
+    cause, text = err, str(err)
     while cause is not None:  # jsonargparse and Lightning wrap what a class raised
         if isinstance(cause, UserError):  # a DataLoader worker re-raises it with the worker's traceback inside
             return str(cause).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
@@ -99,7 +59,18 @@ def one_line(err: BaseException) -> str | None:
         return f"disk full while writing {err.filename or 'the output'}; free some space (earlier files are intact)"
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
         return f"cannot write {err.filename}: {err.strerror}; choose a writable folder, e.g. --trainer.default_root_dir"
-    return library_error(err)
+    if not isinstance(err, RuntimeError):
+        return None
+    if m := re.search(r"size mismatch for ([\w.]+): copying a param with shape (\S+).*?model is (\S+)\.", text, re.S):
+        return (f"the checkpoint does not fit this model ({m[1]}: {m[2]} saved, {m[3]} here): it was trained with "
+                f"another net or num_classes; use the config.yaml saved next to it, -c runs/<name>/version_<N>/config.yaml")  # fmt: skip
+    if re.search(r"Connection (reset|closed) by peer|Watchdog caught collective|NCCL.*[Tt]imeout", text):
+        return ("a DDP worker stopped answering (it died or hung), so the job stops instead of waiting; look above for "
+                "that worker's own error (out of memory, killed), fix it, then resume with --ckpt_path last")  # fmt: skip
+    if m := re.search(r"--ntasks-per-node=(\d+)", text):
+        return (f"SLURM started the tasks with -n/--ntasks; Lightning needs them per node: submit with "
+                f"--ntasks-per-node={m[1]} matching --trainer.devices (and --nodes matching --trainer.num_nodes)")  # fmt: skip
+    return None
 
 
 @contextmanager

@@ -31,8 +31,8 @@ def fails_untouched(args: list[str], capsys, *roots: Path) -> str:
     ("args", "expected"),
     [
         (["--trainer.max_epocs=3"], "unknown option --trainer.max_epocs (did you mean --trainer.max_epochs?)"),
-        (["--data.init_args.batch_sise=8"], "has no parameter 'batch_sise' (did you mean batch_size?)"),
-        (["--model.init_args.net.init_args.hiden=[8]"], "MLP has no parameter 'hiden' (did you mean hidden?)"),
+        (["--data.init_args.batch_sise=8"], "MNISTDataModule has no parameter 'batch_sise'"),
+        (["--model.init_args.net.init_args.hiden=[8]"], "MLP has no parameter 'hiden'"),
         (["--trainer.max_epochs=abc"], "trainer.max_epochs: Expected a <class 'int'>, got abc"),
         (["--model.init_args.optimizer.init_args.lr=fast"], "Expected a <class 'float'>"),
         (["--model.init_args.net.class_path=project.models.nets.Mlp"], "has no attribute 'Mlp'"),
