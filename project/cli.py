@@ -77,23 +77,21 @@ class CLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         try:
             super().parse_arguments(parser, args)
-        except UserError as err:  # name the config file that does not parse
-            if str(err).startswith("YAML syntax error"):
-                given = list(sys.argv[1:] if args is None else args)
-                files = [given[i + 1] for i, a in enumerate(given[:-1]) if a in ("-c", "--config")]
-                files += [a.split("=", 1)[1] for a in given if a.startswith("--config=")]
-                broken = [f for f in files if Path(f).is_file() and not yaml_loads(Path(f))]
-                raise UserError(str(err).replace("YAML syntax error", f"YAML syntax error in {broken[0]}")) from err
-            raise
+        except UserError as err:
+            raise UserError(name_the_broken_yaml(str(err), list(sys.argv[1:] if args is None else args))) from err
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":  # a new process writes into a new folder: find the last.ckpt of the run given
-            config.ckpt_path = last_checkpoint_of_run(config.get("config") or [], config.last_checkpoint.dirpath)
-        elif ckpt_path and ckpt_path not in ("best", "hpc", "registry") and "://" not in str(ckpt_path):
+            ckpt_path = config.ckpt_path = last_checkpoint_of_run(config.get("config") or [], config.last_checkpoint.dirpath)
+        if ckpt_path is None and self.config.get("subcommand") == "fit" and SLURMEnvironment.detect():
+            # requeued by SLURM: Lightning resumes from the newest hpc_ckpt_<N>.ckpt in default_root_dir
+            saved = Path(config.trainer.default_root_dir or ".").glob("hpc_ckpt_*.ckpt")
+            ckpt_path = max(saved, key=lambda p: int(p.stem.removeprefix("hpc_ckpt_")), default=None)
+        checkpoint = None
+        if ckpt_path and str(ckpt_path) not in ("best", "hpc", "registry") and "://" not in str(ckpt_path):
             # Lightning reads the model's config from this file next: make sure it is one of ours
-            if not Path(ckpt_path).is_file():
-                near = [str(p) for p in Path(ckpt_path).parent.glob("*.ckpt")] if Path(ckpt_path).parent.is_dir() else []
-                raise UserError(f"--ckpt_path {ckpt_path}: no such file{did_you_mean(str(ckpt_path), near)}")
+            near = [str(p) for p in Path(ckpt_path).parent.glob("*.ckpt")]
+            require(Path(ckpt_path).is_file(), f"--ckpt_path {ckpt_path}: no such file{did_you_mean(str(ckpt_path), near)}")
             checkpoint = load_checkpoint(ckpt_path, mmap=True)
             hparams = checkpoint.get("hyper_parameters", {})
             require(
@@ -101,20 +99,9 @@ class CLI(LightningCLI):
                 f"--ckpt_path {ckpt_path} comes from another model (hyperparameters: {', '.join(map(str, hparams))}); "
                 f"pass a checkpoint written by this project's fit",
             )
-        self.resume_run_id = self.wandb_run_to_resume(config)
-
-    def wandb_run_to_resume(self, config: Namespace) -> str | None:
-        """The W&B run id in the checkpoint a fit resumes from: ``--ckpt_path``, or under SLURM the newest
-        ``hpc_ckpt_<N>.ckpt`` Lightning itself resumes from after a requeue."""
-        if self.config.get("subcommand") not in ("fit", None):
-            return None
-        path = config.get("ckpt_path")
-        if path is None and SLURMEnvironment.detect():
-            saved = sorted(Path(config.trainer.default_root_dir or ".").glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem[9:]))
-            path = saved[-1] if saved else None
-        if path is None or not Path(path).is_file():
-            return None
-        return load_checkpoint(path, mmap=True).get("wandb_run_id")
+        # a fit resumed from a checkpoint continues its W&B run
+        fit = self.config.get("subcommand") == "fit"
+        self.resume_run_id = checkpoint.get("wandb_run_id") if checkpoint is not None and fit else None
 
     def after_instantiate_classes(self) -> None:
         for logger in self.trainer.loggers if self.resume_run_id else ():
@@ -166,12 +153,19 @@ class CLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
-def yaml_loads(path: Path) -> bool:
-    try:
-        yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return False
-    return True
+def name_the_broken_yaml(message: str, argv: list[str]) -> str:
+    """``YAML syntax error (...)`` -> ``YAML syntax error in <the --config file that does not parse> (...)``."""
+    if not message.startswith("YAML syntax error"):
+        return message
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+    for path in [*files, *(a.split("=", 1)[1] for a in argv if a.startswith("--config="))]:
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError:
+            return message.replace("YAML syntax error", f"YAML syntax error in {path}")
+        except OSError:
+            continue
+    return message
 
 
 def writable(path: Path) -> bool:

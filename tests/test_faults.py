@@ -18,7 +18,7 @@ from project.checkpoint_io import SafeCheckpointIO
 from project.cli import cli_main
 from project.errors import UserError
 from project.models.nets import MLP
-from tests.conftest import CONFIGS, CSV, QUIET, ROOT, error_line, fails, fit
+from tests.conftest import CONFIGS, CSV, QUIET, ROOT, fails, fit
 
 SHORT = ["--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2", "--model.init_args.net.init_args.hidden=[16]"]
 

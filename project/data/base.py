@@ -101,7 +101,7 @@ class ImageDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         require(batch_size >= 1, f"--data.batch_size must be at least 1, got {batch_size}")
-        require(eval_batch_size is None or eval_batch_size >= 1, f"--data.eval_batch_size must be at least 1 or null")
+        require(eval_batch_size is None or eval_batch_size >= 1, "--data.eval_batch_size must be at least 1 or null")
         require(num_workers >= 0, f"--data.num_workers must be 0 or more, got {num_workers}")
         require(
             val_split >= 0 and (isinstance(val_split, int) or val_split < 1),
