@@ -164,7 +164,8 @@ class WandbLogger(LightningWandbLogger):
         if self._experiment is None:
             import wandb
 
-            mode, self.why = resolve_mode(self.mode)
+            planned, self.why = resolve_mode(self.mode)
+            mode = planned
             if mode == "online" and (problem := unreachable(base_url(), self.timeout)):
                 mode, self.why = "offline", f"{base_url()} did not answer: {problem}"
             # absolute: wandb resolves a relative dir against the cwd of its first run in this process
@@ -177,10 +178,10 @@ class WandbLogger(LightningWandbLogger):
             except Exception as err:  # the server answered, then failed: keep the run, offline
                 if mode != "online":
                     raise
-                self.why = f"W&B could not start online: {err}"
+                mode, self.why = "offline", f"W&B could not start online: {err}"
                 self._wandb_init["mode"] = "offline"
                 run = super().experiment
-            if self.why.startswith(base_url()) or self.why.startswith("W&B could not"):
+            if planned != mode:  # say it now, and again where the run ends
                 rank_zero_warn(f"{self.why}; logging offline instead")
             if self.run_config is not None:
                 run.config.update({**self.run_config, "git": git_state()}, allow_val_change=True)
@@ -201,7 +202,7 @@ class WandbLogger(LightningWandbLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
-        if status != "success":
+        if status == "failed":  # "finished" comes from SLURM's requeue signal: training may go on in this run
             self.close(exit_code=1)
 
     @rank_zero_only
