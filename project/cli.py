@@ -208,6 +208,8 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
     # SLURM's srun is installed but this run is not under SLURM: Lightning warns on every start
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+    # cli_main(args) from a test or a notebook: the host process has arguments of its own
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
