@@ -1,1 +1,38 @@
-"""Extras a fork may delete without touching the core: export, compression, distillation, reading runs back."""
+"""Extras a fork may delete without touching the core: export, int8 compression, distillation.
+
+Each tool is a function with a command line made from its signature (jsonargparse's ``auto_cli``):
+``python -m project.tools.export``, ``python -m project.tools.compress``; distillation is a model class for
+``python -m project fit`` (``configs/compress/distill.yaml``). The core never imports this package.
+"""
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jsonargparse import ArgumentParser, auto_cli
+
+from project.errors import UserError, exit_on_user_error, parse_error
+
+
+class ToolParser(ArgumentParser):
+    """jsonargparse's parser, but a bad argument is a one-line :class:`UserError` instead of usage + exit."""
+
+    tool = "python -m project.tools.<tool>"
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error:  # jsonargparse trying a type internally: keep its behaviour
+            return super().error(message, ex)
+        options = ["--" + key for key in self.get_defaults().keys()]
+        line = parse_error(message, options).replace("`python -m project <subcommand> --help`", f"`{self.tool} --help`")
+        raise UserError(line) from ex
+
+
+def command_line(function: Callable[..., Any], module: str, args: Sequence[str] | None = None) -> Any:
+    """``python -m <module>``: ``function``'s arguments from the command line. A problem the user can fix (a bad
+    argument, a missing, damaged or hostile checkpoint) ends as one ``error: ...`` line and exit code 2;
+    ``--debug`` or ``PROJECT_DEBUG=1`` shows the traceback instead."""
+    argv = list(sys.argv[1:] if args is None else args)
+    parser_class = type("Parser", (ToolParser,), {"tool": f"python -m {module}"})
+    with exit_on_user_error(debug="--debug" in argv):
+        args = [a for a in argv if a != "--debug"]
+        return auto_cli(function, args=args, as_positional=False, parser_class=parser_class)

@@ -1,12 +1,17 @@
-"""Knowledge distillation: a (small) student net learns from a trained teacher's soft targets and the labels."""
+"""Knowledge distillation: a (small) student net learns from a trained teacher's soft targets and the labels.
 
+    python -m project fit -c configs/fashion_mnist.yaml -c configs/compress/distill.yaml \\
+        --model.init_args.teacher_ckpt runs/fashion_mnist/version_0/checkpoints/last.ckpt
+"""
+
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from project.errors import UserError
+from project.errors import require
 from project.models.classifier import ImageClassifier
 
 
@@ -18,35 +23,76 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
 
 
 class DistillationClassifier(ImageClassifier):
-    """An ``ImageClassifier`` whose training loss is ``alpha * soft + (1 - alpha) * hard``: soft is the distillation
-    loss against a frozen teacher, hard the usual cross-entropy with the labels. Validation and test are unchanged.
+    """An ``ImageClassifier`` trained on ``alpha * soft + (1 - alpha) * hard``: soft is the distillation loss against
+    a frozen teacher, hard the usual cross-entropy with the labels. Validation, test and predict are unchanged.
 
-    The teacher is the net of a checkpoint written by ``python -m project fit`` (read with ``weights_only``); it is
-    not part of the student's checkpoint, which loads and exports like any other.
+    The teacher is the whole classifier of a ``python -m project fit`` checkpoint (read weights-only, rebuilt from
+    its hyperparameters by ``project.tools.export.load_classifier``), so it normalizes the raw batches with its own
+    mean and std, whatever the student's are. It is frozen, in eval mode, moved to the student's device, and not a
+    submodule: the student's checkpoint holds the student alone and loads and exports like any other (without the
+    teacher file).
 
     Args:
         net: the student.
-        teacher_ckpt: the teacher's checkpoint.
-        temperature: softening temperature of both distributions.
-        alpha: weight of the soft loss (1: learn from the teacher only).
+        teacher_ckpt: the teacher's checkpoint, trained on the same classes.
+        temperature: softening temperature of both distributions. The default 1 (the teacher's own probabilities):
+            on Fashion-MNIST with the main job as teacher, 2 and 4 made small students worse than training alone
+            (README "Compression", ``bench/distill.py``).
+        alpha: weight of the soft loss (1: learn from the teacher only, never from the labels).
         **kwargs: see :class:`ImageClassifier`.
     """
 
     def __init__(
-        self, net: nn.Module, teacher_ckpt: str, temperature: float = 4.0, alpha: float = 0.7, **kwargs: Any
+        self,
+        net: nn.Module,
+        teacher_ckpt: str | None = None,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        **kwargs: Any,
     ) -> None:
         super().__init__(net, **kwargs)
-        from project.export import load_net
-
-        if not 0.0 <= alpha <= 1.0 or temperature <= 0:
-            raise UserError(f"distillation needs 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}")
-        teacher, hparams = load_net(teacher_ckpt)
-        if hparams.get("num_classes", self.num_classes) != self.num_classes:
-            raise UserError(f"teacher {teacher_ckpt} has {hparams['num_classes']} classes, the data {self.num_classes}")
-        teacher.requires_grad_(False)
+        require(
+            0.0 <= alpha <= 1.0 and temperature > 0,
+            f"distillation needs 0 <= --model.init_args.alpha <= 1 and --model.init_args.temperature > 0, "
+            f"got {alpha} and {temperature}",
+        )
+        self.teacher_ckpt, self.temperature, self.alpha = teacher_ckpt, temperature, alpha
+        teacher = None
+        # A missing file is reported when training starts: validate/test/predict and loading the student's own
+        # checkpoint do not need the teacher, which may be gone by then.
+        if teacher_ckpt is not None and os.path.exists(teacher_ckpt):
+            teacher = self.load_teacher(teacher_ckpt)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: stays out of the student's state_dict
-        self.temperature = temperature
-        self.alpha = alpha
+
+    def load_teacher(self, path: str) -> ImageClassifier:
+        from project.tools.export import load_classifier
+
+        teacher = load_classifier(path, channels_last=None)
+        require(
+            teacher.num_classes == self.num_classes,
+            f"the teacher {path} has {teacher.num_classes} classes, the data {self.num_classes}; "
+            f"distill from a teacher trained on the same data",
+        )
+        require(
+            teacher.class_names == self.class_names,
+            f"the teacher {path} has other classes ({', '.join(teacher.class_names[:3])}, ...) than the data "
+            f"({', '.join(self.class_names[:3])}, ...); distill from a teacher trained on the same data",
+        )
+        return teacher
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.teacher is None:
+            require(
+                self.teacher_ckpt is not None,
+                "distillation needs a teacher: set --model.init_args.teacher_ckpt to a checkpoint of "
+                "`python -m project fit` on the same data",
+            )
+            require(
+                os.path.exists(self.teacher_ckpt),
+                f"teacher checkpoint not found: {self.teacher_ckpt} (--model.init_args.teacher_ckpt)",
+            )
+            object.__setattr__(self, "teacher", self.load_teacher(self.teacher_ckpt))
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device).eval()
@@ -54,8 +100,10 @@ class DistillationClassifier(ImageClassifier):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
+        if self.teacher.mean.device != x.device:  # moved by hand, e.g. a model put on a device after fit started
+            self.teacher.to(x.device)
         with torch.no_grad():
-            teacher_logits = self.teacher(x)
+            teacher_logits = self.teacher.eval()(x)
         soft = distillation_loss(logits, teacher_logits, self.temperature)
         hard = self.criterion(logits.float(), y)
         loss = self.alpha * soft + (1.0 - self.alpha) * hard
