@@ -1,5 +1,5 @@
 """int8 quantization on real Fashion-MNIST: the main job's best checkpoint (``python -m project fit -c
-configs/fashion_mnist.yaml``, trained here unless ``--ckpt`` gives one) through ``python -m project.tools.compress``:
+configs/fashion_mnist.yaml``, trained here unless ``--ckpt`` gives one) through ``python -m extras.compress``:
 exported to ONNX (uint8 images in, probabilities out), quantized by ONNX Runtime (dynamic: int8 weights), and both
 files run with ONNX Runtime on the test split (10,000 images). File sizes and test accuracies, and Lightning's own
 test accuracy of the checkpoint for reference (it must equal the fp32 ONNX model's).
@@ -30,7 +30,7 @@ from common import (
 
 NAME, TITLE = "quantize", "int8 quantization"
 MAIN_JOB = "python -m project fit -c configs/fashion_mnist.yaml"
-COMPRESS = "python -m project.tools.compress --ckpt_path {ckpt}"
+COMPRESS = "python -m extras.compress --ckpt_path {ckpt}"
 GOAL_SIZE, GOAL_DROP = 0.5, 0.005  # int8 at most half the fp32 file, at most 0.5 points of test accuracy lost
 
 
@@ -70,7 +70,7 @@ def main() -> None:
         else:
             ckpt, lightning_acc = train_main_job(folder, args.threads)
         out = folder / "int8"
-        cmd = [PYTHON, "-m", "project.tools.compress", "--ckpt_path", str(ckpt), "--output_dir", str(out),
+        cmd = [PYTHON, "-m", "extras.compress", "--ckpt_path", str(ckpt), "--output_dir", str(out),
                "--data_dir", str(DATA)]  # fmt: skip
         printed = timed(cmd, cwd=folder)["output"]
         report = json.loads((out / "quantization.json").read_text())

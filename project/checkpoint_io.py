@@ -56,13 +56,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
-            if "Weights only load failed" not in str(err):
-                raise UserError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:100]})") from err
-            raise UserError(
-                f"refused to load {path}: it contains Python objects, not just weights, and loading it could run "
-                f"code; only load checkpoints you trust, re-saved as plain data"
-            ) from err
-        except (RuntimeError, EOFError, ValueError, OSError) as err:
+            if "Unsupported global" in str(err):  # a pickled class or function: what malicious files carry
+                raise UserError(
+                    f"refused to load {path}: it contains Python objects, not just weights, and loading it could run "
+                    f"code; only load checkpoints you trust, re-saved as plain data"
+                ) from err
+            raise UserError(f"{path} is not a readable checkpoint (damaged or not a checkpoint); pass a .ckpt from fit") from err
+        except Exception as err:  # torch's readers raise many types on files that are not checkpoints
             raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); pass a .ckpt from fit") from err
 
 

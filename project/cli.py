@@ -24,7 +24,7 @@ from project.callbacks.rng import RNGState
 from project.callbacks.wandb import WandbPredictionMedia, WandbWatch
 from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.data.base import ImageDataModule
-from project.errors import UserError, did_you_mean, exit_on_user_error, parse_error, require
+from project.errors import OneLineErrors, UserError, did_you_mean, exit_on_user_error, require
 from project.loggers import SaveConfigCallback, WandbLogger
 from project.models.classifier import ImageClassifier
 
@@ -39,14 +39,8 @@ LINKS = [  # the data decides these; they are never typed twice
 ]
 
 
-class ArgumentParser(LightningArgumentParser):
-    """jsonargparse's parser, but a bad argument raises a one-line :class:`UserError` instead of usage + exit."""
-
-    def error(self, message: str, ex: Exception | None = None) -> Any:
-        if not self.exit_on_error:  # jsonargparse trying a type internally: keep its behaviour
-            return super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        raise UserError(parse_error(message, ["--" + key for key in parser.get_defaults().keys()])) from ex
+class ArgumentParser(OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser, but a bad argument raises a one-line :class:`UserError` instead of usage + exit."""
 
 
 class CLI(LightningCLI):

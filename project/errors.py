@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class UserError(Exception):
@@ -37,7 +38,7 @@ def parse_error(message: str, options: list[str]) -> str:
     unknown = re.search(r"unrecognized arguments: (?:\w+ )*(--[\w.]+)|(?:Group '([\w.]+)' )?does not accept option '([\w.]+)'", message)
     if unknown:
         option = unknown[1] or "--" + ".".join(filter(None, unknown.groups()[1:]))
-        return f"unknown option {option}{did_you_mean(option, options)}; `python -m project <subcommand> --help` lists them"
+        return f"unknown option {option}{did_you_mean(option, options)}; --help lists them"
     noise = r"Parser key|Does not validate|Subtypes|Errors|Given value|Expected a <class 'NoneType'>|Expected a path|Problem|Type "
     reason = next((line for line in lines if not re.match(noise, line)), lines[0])
     if m := re.match(r"Option '(\w+)' is not accepted", reason):
@@ -46,6 +47,16 @@ def parse_error(message: str, options: list[str]) -> str:
     keys = [k for k in re.findall(r'Parser key "([^"]+)"', message) if k != "config"]
     given = re.findall(r"Given value: (.*)", message) if "Expected a <class" in reason else []
     return f"{'.'.join(keys) + ': ' if keys else ''}{reason}{', got ' + given[-1] if given else ''}"
+
+
+class OneLineErrors:
+    """For a jsonargparse parser: a bad argument raises a one-line :class:`UserError` instead of usage + exit."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error:  # jsonargparse trying a type internally: keep its behaviour
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        raise UserError(parse_error(message, ["--" + key for key in parser.get_defaults().keys()])) from ex
 
 
 def one_line(err: BaseException) -> str | None:

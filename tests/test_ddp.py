@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from project.cli import cli_main
 from project.data import MNISTDataModule
-from project.tools.runs import read_wandb_run
+from extras.runs import read_wandb_run
 from tests.conftest import CONFIGS, QUIET, run_module
 from tests.formats import write_mnist_family
 

@@ -13,7 +13,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.utils import run_sync
 
 from project.cli import cli_main
-from project.tools.runs import read_wandb_run
+from extras.runs import read_wandb_run
 from tests.conftest import CONFIGS, QUIET, ROOT, read_metrics
 
 NOTEBOOKS = ROOT / "notebooks"

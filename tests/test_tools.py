@@ -1,4 +1,4 @@
-"""The extras (project/tools): export with the preprocessing inside and its README example, int8 quantization,
+"""The extras (extras): export with the preprocessing inside and its README example, int8 quantization,
 distillation from the main job's kind of teacher, pruning; one-line errors for bad checkpoints in every tool."""
 
 import fcntl
@@ -20,9 +20,9 @@ from torchvision import datasets
 
 from project.errors import UserError
 from project.models import ImageClassifier
-from project.tools import compress, export
-from project.tools.distill import distillation_loss
-from project.tools.export import load_classifier, read_metadata
+from extras import compress, export
+from extras.distill import distillation_loss
+from extras.export import load_classifier, read_metadata
 from tests.conftest import CONFIGS, CSV, ROOT, error_line, fails, fit, run_module
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -294,6 +294,6 @@ def test_a_bad_checkpoint_is_one_line_in_every_tool(kind, tool, tmp_path, capsys
 
 def test_the_export_command_refuses_a_hostile_checkpoint_in_one_line(tmp_path):
     bad = write_bad("hostile", tmp_path)
-    done = run_module("project.tools.export", "--ckpt_path", str(bad), cwd=tmp_path)
+    done = run_module("extras.export", "--ckpt_path", str(bad), cwd=tmp_path)
     assert done.returncode == 2 and "could run code" in error_line(done.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == [bad.name] and not done.stdout

@@ -15,7 +15,7 @@ import yaml
 
 from project.cli import cli_main
 from project.loggers import has_credentials, resolve_mode
-from project.tools.runs import read_wandb_run
+from extras.runs import read_wandb_run
 from tests.conftest import CONFIGS, QUIET, ROOT, fails, run_module
 
 FAKE_KEY = "local-" + "f4ke" * 10  # planted: must appear in no file written

@@ -27,7 +27,7 @@ class DistillationClassifier(ImageClassifier):
     a frozen teacher, hard the usual cross-entropy with the labels. Validation, test and predict are unchanged.
 
     The teacher is the whole classifier of a ``python -m project fit`` checkpoint (read weights-only, rebuilt from
-    its hyperparameters by ``project.tools.export.load_classifier``), so it normalizes the raw batches with its own
+    its hyperparameters by ``extras.export.load_classifier``), so it normalizes the raw batches with its own
     mean and std, whatever the student's are. It is frozen, in eval mode, moved to the student's device, and not a
     submodule: the student's checkpoint holds the student alone and loads and exports like any other (without the
     teacher file).
@@ -65,7 +65,7 @@ class DistillationClassifier(ImageClassifier):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: stays out of the student's state_dict
 
     def load_teacher(self, path: str) -> ImageClassifier:
-        from project.tools.export import load_classifier
+        from extras.export import load_classifier
 
         teacher = load_classifier(path, channels_last=None)
         require(

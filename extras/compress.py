@@ -1,8 +1,8 @@
 """Dynamic int8 quantization of the exported model, with size and accuracy before and after.
 
-    python -m project.tools.compress --ckpt_path runs/fashion_mnist/version_0/checkpoints/last.ckpt
+    python -m extras.compress --ckpt_path runs/fashion_mnist/version_0/checkpoints/last.ckpt
 
-The checkpoint is exported to ONNX (``project.tools.export``: uint8 images in, probabilities out, parity-checked),
+The checkpoint is exported to ONNX (``extras.export``: uint8 images in, probabilities out, parity-checked),
 its weights are quantized to int8 by ONNX Runtime (``quantize_dynamic``: weights stored as int8, activations
 quantized on the fly), and both models are run with ONNX Runtime on the test split of the run's data (the data
 section of the run's ``config.yaml``). ``model.onnx``, ``model.int8.onnx`` and ``quantization.json`` are written
@@ -20,8 +20,8 @@ from typing import Any, Literal
 import yaml
 
 from project.errors import UserError, require
-from project.tools import command_line
-from project.tools.export import INPUT, image_shape, load_classifier, write_checked
+from extras import command_line
+from extras.export import INPUT, image_shape, load_classifier, write_checked
 
 
 def load_data(run_config: Path, data_dir: str | None, eval_batch_size: int | None) -> Any:
@@ -186,7 +186,7 @@ def quantize(
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    command_line(quantize, "project.tools.compress", args)
+    command_line(quantize, args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Export a checkpoint's whole inference path to ONNX or TorchScript: uint8 images in, class probabilities out.
 
-    python -m project.tools.export --ckpt_path runs/fashion_mnist/version_0/checkpoints/last.ckpt --format onnx
+    python -m extras.export --ckpt_path runs/fashion_mnist/version_0/checkpoints/last.ckpt --format onnx
 
 The exported graph is the classifier's own ``forward`` plus a softmax: it takes raw pixels, uint8 (N, C, H, W) in
 [0, 255] with any batch size N, scales and normalizes them itself (the checkpoint's mean and std are folded in),
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from project.checkpoint_io import load_checkpoint
 from project.errors import UserError, require
 from project.models.classifier import ImageClassifier
-from project.tools import command_line
+from extras import command_line
 
 Format = Literal["onnx", "torchscript"]
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -279,7 +279,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    command_line(export, "project.tools.export", args)
+    command_line(export, args)
 
 
 if __name__ == "__main__":
