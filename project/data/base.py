@@ -238,6 +238,7 @@ class ImageDataModule(LightningDataModule):
         return images
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training and self.augment != "none":
+        # (images, labels) of a training step; not the model summary's example input, a bare tensor
+        if isinstance(batch, (list, tuple)) and self.trainer is not None and self.trainer.training and self.augment != "none":
             return (self.augment_batch(batch[0]), *batch[1:])
         return batch
