@@ -1,4 +1,4 @@
-"""The README's promises, run as a user runs them: every `python -m project...` command in README.md, in the order
+"""The README's promises, run as a user runs them: every `python -m project|extras...` command in README.md, in the order
 written, in one fresh folder holding small format-exact data where the README says data goes, the files the README
 shows (`# my_nets.py`, `# tiny.yaml`, ...) written from its own code blocks. Each command runs through `runpy`
 exactly as `python -m` runs it, all in one separate process (a process each would cost 7 s of imports), with epoch
@@ -26,7 +26,7 @@ LIMITS = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "-
 def commands() -> list[str]:
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
     lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
-    return [re.sub(r"\s+#.*", "", line) for line in lines if line.startswith("python -m project")]
+    return [re.sub(r"\s+#.*", "", line) for line in lines if line.startswith(("python -m project", "python -m extras"))]
 
 
 def shown_files() -> dict[str, str]:
