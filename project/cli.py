@@ -188,16 +188,13 @@ def last_checkpoint_of_run(config_files: Sequence[Any], dirpath: str | None = No
     )
 
 
-class DropNoise(logging.Filter):
-    """Lightning's advertisement for another product: not a problem of the run, yet printed by every run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in str(record.msg)
+def no_advertisement(record: logging.LogRecord) -> bool:
+    return "litlogger" not in str(record.msg)  # Lightning's tip for another product, printed by every run
 
 
 def quiet() -> None:
     """Silence the console lines that look like problems but are not, here and only here."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DropNoise())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_advertisement)  # added once
     # torch deprecates isinstance(spec, LeafSpec), which Lightning still calls on every batch transfer
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
     # SLURM's srun is installed but this run is not under SLURM: Lightning warns on every start
