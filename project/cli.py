@@ -14,10 +14,10 @@ from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from project.callbacks.interrupt import GracefulInterrupt
+from project.callbacks.interrupt import GracefulInterrupt, slurm_job_id
 from project.callbacks.nan_guard import NonFiniteGuard
 from project.callbacks.prediction_writer import PredictionWriter
 from project.callbacks.rng import RNGState
@@ -135,6 +135,8 @@ class CLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins = [*plugins, SafeCheckpointIO()]
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+            plugins = [*plugins, SLURMEnvironment(auto_requeue=False)]  # GracefulInterrupt requeues between steps
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if trainer.get("logger") is not False:  # Lightning's LearningRateMonitor fails without a logger
@@ -203,6 +205,12 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
 
+def default_root_dir() -> str:
+    """``runs``; under SLURM ``runs/slurm-<job id>``: a folder per job that a requeued job finds again, and where no
+    other job finds the checkpoint Lightning resumes a SLURM job from (its ``hpc_ckpt_<N>.ckpt``)."""
+    return f"runs/slurm-{slurm_job_id()}" if SLURMEnvironment.detect() else "runs"
+
+
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
     """Entry point of ``python -m project``; tests call it in-process with ``args``. Errors the user can fix end as
     one ``error: ...`` line and exit code 2 (``--debug`` or ``PROJECT_DEBUG=1``: the traceback instead)."""
@@ -221,7 +229,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
             parser_class=ArgumentParser,
             save_config_callback=SaveConfigCallback,
             trainer_defaults={
-                "default_root_dir": "runs",
+                "default_root_dir": default_root_dir(),
                 # W&B by default (offline without credentials); configs/logger/{csv,tensorboard,none}.yaml switch it
                 "logger": {"class_path": "project.loggers.WandbLogger", "init_args": {"name": None}},
                 "callbacks": [RNGState(), NonFiniteGuard(), GracefulInterrupt()],  # always on, added to any list

@@ -70,6 +70,8 @@ def one_line(err: BaseException) -> str | None:
         return f"disk full while writing {err.filename or 'the output'}; free some space (earlier files are intact)"
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
         return f"cannot write {err.filename}: {err.strerror}; choose a writable folder, e.g. --trainer.default_root_dir"
+    if isinstance(err, (RuntimeError, ValueError)) and "HINT:" in text:  # Lightning's own messages that say what to do
+        return " ".join(text.split())
     if not isinstance(err, RuntimeError):
         return None
     if m := re.search(r"size mismatch for ([\w.]+): copying a param with shape (\S+).*?model is (\S+)\.", text, re.S):
@@ -78,9 +80,6 @@ def one_line(err: BaseException) -> str | None:
     if re.search(r"Connection (reset|closed) by peer|Watchdog caught collective|NCCL.*[Tt]imeout", text):
         return ("a DDP worker stopped answering (it died or hung), so the job stops instead of waiting; look above for "
                 "that worker's own error (out of memory, killed), fix it, then resume with --ckpt_path last")  # fmt: skip
-    if m := re.search(r"--ntasks-per-node=(\d+)", text):
-        return (f"SLURM started the tasks with -n/--ntasks; Lightning needs them per node: submit with "
-                f"--ntasks-per-node={m[1]} matching --trainer.devices (and --nodes matching --trainer.num_nodes)")  # fmt: skip
     return None
 
 

@@ -137,6 +137,7 @@ class WandbLogger(LightningWandbLogger):
             raise UserError(f"W&B mode {given!r} (WANDB_MODE or the logger's mode) must be online, offline or disabled")
         self.mode, self.timeout, self.why = mode, timeout, ""
         self.run_config: dict[str, Any] | None = None
+        self.run_id: str | None = None  # kept when the run is finished: a later start in this fit resumes it
 
     @property
     def save_dir(self) -> str:
@@ -154,7 +155,8 @@ class WandbLogger(LightningWandbLogger):
         return ""
 
     def resume(self, run_id: str) -> None:
-        """Log into the existing run ``run_id`` (called when a fit resumes from a checkpoint of it)."""
+        """Log into the existing run ``run_id`` (a fit resumed from a checkpoint of it, or going on after its run
+        was finished at a SLURM requeue signal that could not requeue)."""
         if self._experiment is None:
             self._wandb_init.update(id=run_id, resume="allow")  # private: the kwargs Lightning passes to wandb.init
 
@@ -185,6 +187,7 @@ class WandbLogger(LightningWandbLogger):
                 rank_zero_warn(f"{self.why}; logging offline instead")
             if self.run_config is not None:
                 run.config.update({**self.run_config, "git": git_state()}, allow_val_change=True)
+            self.run_id = run.id
         return self._experiment
 
     @rank_zero_only
@@ -202,8 +205,12 @@ class WandbLogger(LightningWandbLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
-        if status == "failed":  # "finished" comes from SLURM's requeue signal: training may go on in this run
+        if status == "failed":
             self.close(exit_code=1)
+        elif status == "finished":  # SLURM's requeue signal: write everything before SLURM kills the job
+            self.close()
+            if self.run_id:  # if requeueing fails, training goes on in the same run
+                self.resume(self.run_id)
 
     @rank_zero_only
     def close(self, exit_code: int = 0) -> None:
@@ -246,6 +253,6 @@ class SaveConfigCallback(LightningSaveConfigCallback):
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         for logger in (lg for lg in trainer.loggers if isinstance(lg, WandbLogger)):
-            if trainer.is_global_zero and logger.experiment.id:
-                checkpoint["wandb_run_id"] = logger.experiment.id
+            if trainer.is_global_zero and logger.run_id:  # not .experiment: that would start a finished run again
+                checkpoint["wandb_run_id"] = logger.run_id
 

@@ -1,34 +1,54 @@
-"""Ctrl-C during fit: finish the current step, save ``last.ckpt``, say how to resume, exit non-zero.
+"""Ctrl-C and SLURM's requeue signal take effect between two training steps, never in the middle of one.
 
-Lightning alone stops wherever the signal lands and saves nothing; its ``OnExceptionCheckpoint`` saves mid-step
-(possibly half an optimizer update) and deletes the file again at teardown.
+Lightning alone stops wherever Ctrl-C lands and saves nothing (its ``OnExceptionCheckpoint`` saves mid-step and
+deletes the file at teardown). On SIGUSR1 its SLURM handler saves and requeues inside the signal handler: a rank
+blocked in a gradient all-reduce never joins the save's barrier, and the job hangs (Lightning issue #21406).
 """
 
+import os
+import re
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def slurm_job_id() -> str | None:
+    """The id SLURM requeues: ``<array job>_<task>`` in an array job."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
 
 
 class GracefulInterrupt(Callback):
-    """The first Ctrl-C stops the run at the next batch boundary, a second one at once; at the boundary the full
-    training state is saved as ``last.ckpt`` in the run's ``checkpoints/`` and Lightning's own shutdown follows."""
+    """The first Ctrl-C stops the run at the next step boundary, saving the full training state as ``last.ckpt`` in
+    the run's ``checkpoints/`` and printing how to resume; a second one stops it at once. Under SLURM, SIGUSR1
+    (``#SBATCH --signal=USR1@180``, or a preemption) saves ``<default_root_dir>/hpc_ckpt_<N>.ckpt`` at the next step
+    boundary, on every rank at once, and requeues the job, which resumes from it; if SLURM refuses the requeue,
+    training goes on. (The CLI turns Lightning's own SIGUSR1 handling off: ``SLURMEnvironment(auto_requeue=False)``.)
+    """
 
     def __init__(self) -> None:
-        self.requested, self.saved, self.previous = False, None, None
+        self.requested, self.requeue_requested, self.slurm, self.saved, self.previous = False, False, False, None, {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and threading.current_thread() is threading.main_thread():
-            self.requested, self.saved = False, None
-            self.previous = signal.signal(signal.SIGINT, self.on_sigint)
+            self.requested, self.requeue_requested, self.saved = False, False, None
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self.on_sigint)
+            self.slurm = SLURMEnvironment.detect()
+            if self.slurm:
+                self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self.on_sigusr1)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
     def on_sigint(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -36,10 +56,19 @@ class GracefulInterrupt(Callback):
         self.requested = True
         print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)", file=sys.stderr)
 
+    def on_sigusr1(self, signum: int, frame: Any) -> None:
+        self.requeue_requested = True
+
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         if self.requested:
             self.save(trainer)
             raise KeyboardInterrupt
+        requeue = self.requeue_requested
+        if self.slurm and trainer.world_size > 1:  # the same step on every rank
+            requeue = trainer.strategy.reduce_boolean_decision(requeue, all=False)
+        if requeue:
+            self.requeue_requested = False
+            self.requeue(trainer)
 
     def on_validation_batch_end(self, trainer: Trainer, *args: Any) -> None:
         if self.requested and not trainer.sanity_checking:
@@ -63,3 +92,25 @@ class GracefulInterrupt(Callback):
         folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
         self.saved = Path(folder) / "last.ckpt"
         trainer.save_checkpoint(self.saved)
+
+    def requeue(self, trainer: Trainer) -> None:
+        """What Lightning's SLURM handler does, between two steps: flush the loggers, save the hpc checkpoint Lightning
+        resumes a requeued job from, ``scontrol requeue`` on rank 0; then end this job, or go on if SLURM refused."""
+        for logger in trainer.loggers:
+            logger.finalize("finished")
+        folder = Path(trainer.default_root_dir)
+        numbers = [int(m[1]) for p in folder.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)", p.stem))]
+        path = folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+        trainer.save_checkpoint(path)
+        requeued, job = False, slurm_job_id()
+        if trainer.is_global_zero:
+            try:
+                done = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=60)
+                requeued, why = done.returncode == 0, done.stderr.strip()
+            except (OSError, subprocess.SubprocessError) as err:
+                why = str(err)
+            rank_zero_info(f"SLURM requeue signal at step {trainer.global_step}: saved {path}; " + (
+                f"requeued job {job}, which resumes from it" if requeued else
+                f"`scontrol requeue {job}` failed ({why}): training goes on"))  # fmt: skip
+        if trainer.strategy.broadcast(requeued):
+            raise SystemExit(0)  # this job is requeued: SLURM starts it again

@@ -34,10 +34,13 @@ class WandbWatch(Callback):
         self.what = log  # not `self.log`: Lightning sets that attribute on callbacks
         self.log_freq = log_freq
         self.log_graph = log_graph
+        self.runs: list[Any] = []
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.runs = []
         if self.what and trainer.is_global_zero:
             for logger in wandb_loggers(trainer):
+                self.runs.append(logger.experiment)
                 # idx=0: wandb numbers watched models per process, so a later run in the same process would log
                 # under "gradients/graph_1net..." instead of "gradients/net...".
                 logger.experiment.watch(
@@ -45,8 +48,8 @@ class WandbWatch(Callback):
                 )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.what and trainer.is_global_zero:
-            for logger in wandb_loggers(trainer):
+        for logger in wandb_loggers(trainer) if self.runs else ():
+            if logger.experiment in self.runs:  # not a run started again after a SLURM requeue signal
                 logger.experiment.unwatch(pl_module)
 
 
