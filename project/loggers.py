@@ -27,7 +27,6 @@ from urllib.parse import urlparse
 from lightning.pytorch.cli import SaveConfigCallback as LightningSaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers.utilities import _scan_checkpoints  # private: Lightning's own artifact bookkeeping
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from project.errors import UserError
@@ -129,8 +128,8 @@ class WandbLogger(LightningWandbLogger):
         log_model: bool | Literal["all"] = False,
         checkpoint_name: str | None = None,
     ) -> None:
-        super().__init__(name=name, save_dir=save_dir, project=project, log_model=log_model, entity=entity,
-                         checkpoint_name=checkpoint_name, group=group, tags=tags, notes=notes, job_type=job_type)  # fmt: skip
+        super().__init__(name=name, save_dir=save_dir, project=project, entity=entity, group=group, tags=tags,
+                         notes=notes, job_type=job_type)  # fmt: skip
         self.root, self.run_dir = Path(save_dir) / (name or ""), None
         given = mode or os.environ.get("WANDB_MODE")
         if given not in (None, "", "online", "offline", "disabled", "dryrun", "run"):
@@ -138,6 +137,7 @@ class WandbLogger(LightningWandbLogger):
         self.mode, self.timeout, self.why = mode, timeout, ""
         self.run_config: dict[str, Any] | None = None
         self.run_id: str | None = None  # kept when the run is finished: a later start in this fit resumes it
+        self.log_model_as, self.artifact_name, self.checkpoints, self.logged = log_model, checkpoint_name, [], {}
 
     @property
     def save_dir(self) -> str:
@@ -204,7 +204,8 @@ class WandbLogger(LightningWandbLogger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        super().finalize(status)
+        if status == "success" and self.log_model_as:
+            self.log_checkpoints()
         if status == "failed":
             self.close(exit_code=1)
         elif status == "finished":  # SLURM's requeue signal: write everything before SLURM kills the job
@@ -224,21 +225,31 @@ class WandbLogger(LightningWandbLogger):
         if offline:
             rank_zero_info(f"W&B run saved offline in {run_path} ({self.why}); upload it with: wandb sync {run_path}")
 
-    def _scan_and_log_checkpoints(self, checkpoint_callback: Any) -> None:  # private: Lightning's artifact hook
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """Lightning's hook after each checkpoint save: the checkpoint callbacks whose files become artifacts."""
+        if all(c is not checkpoint_callback for c in self.checkpoints):
+            self.checkpoints.append(checkpoint_callback)
+        if self.log_model_as == "all":
+            self.log_checkpoints()
+
+    @rank_zero_only
+    def log_checkpoints(self) -> None:
+        """Each checkpoint file new since the last call, as a model artifact with the run's ``config.yaml`` and the
+        alias ``best`` (the monitored callback's best) or ``last`` (``last.ckpt``), and ``latest``."""
         import wandb
 
-        config = Path(self.save_dir) / "config.yaml"
-        for timestamp, path, score, _ in _scan_checkpoints(checkpoint_callback, self._logged_model_time):
-            last = Path(path).stem == "last"
-            aliases = ["latest", "last" if last else "best"] if last or path == checkpoint_callback.best_model_path else ["latest"]
-            metadata = {"score": score.item() if hasattr(score, "item") else score, "original_filename": Path(path).name,
-                        "monitor": checkpoint_callback.monitor, "mode": checkpoint_callback.mode}  # fmt: skip
-            artifact = wandb.Artifact(self._checkpoint_name or f"model-{self.experiment.id}", "model", metadata=metadata)
-            artifact.add_file(path, name="model.ckpt", policy=self.add_file_policy)
-            if config.is_file():
-                artifact.add_file(str(config), name="config.yaml")
-            self.experiment.log_artifact(artifact, aliases=aliases)
-            self._logged_model_time[path] = timestamp
+        for callback in self.checkpoints:
+            path = Path(callback.best_model_path)
+            if not path.is_file() or self.logged.get(path) == path.stat().st_mtime:
+                continue
+            metadata = {"score": float(callback.best_model_score or 0), "original_filename": path.name,
+                        "monitor": callback.monitor, "mode": callback.mode}  # fmt: skip
+            artifact = wandb.Artifact(self.artifact_name or f"model-{self.experiment.id}", "model", metadata=metadata)
+            artifact.add_file(str(path), name="model.ckpt")
+            if (Path(self.save_dir) / "config.yaml").is_file():
+                artifact.add_file(str(Path(self.save_dir) / "config.yaml"), name="config.yaml")
+            self.experiment.log_artifact(artifact, aliases=["latest", "last" if path.stem == "last" else "best"])
+            self.logged[path] = path.stat().st_mtime
 
 
 class SaveConfigCallback(LightningSaveConfigCallback):
