@@ -1,6 +1,6 @@
 """Measure every section with its script's default arguments, then rewrite BENCHMARKS.md whole from the results.
 
-    python bench/all.py                          # every section (about 45 min on 2 CPU cores), then BENCHMARKS.md
+    python bench/all.py                          # every section (about 70 min on 2 CPU cores), then BENCHMARKS.md
     python bench/all.py --only overhead          # one script (or several: --only startup,data_path); keep the rest
     python bench/all.py --render                 # measure nothing: rewrite BENCHMARKS.md from bench/results/*.json
     python bench/all.py --results DIR --output PATH   # other places, for trying things out
@@ -28,6 +28,8 @@ SECTIONS = [
     ("overhead", "Memory", "render_memory", "summary_memory"),
     ("startup", "Start-up", "render", "summary"),
     ("data_path", "Data path", "render", "summary"),
+    ("distill", "Distillation", "render", "summary"),
+    ("quantize", "int8 quantization", "render", "summary"),
     ("gpu", "GPU", "render", "summary"),
 ]
 SCRIPTS = list(dict.fromkeys(s for s, *_ in SECTIONS))
