@@ -1,9 +1,5 @@
-"""Stop training at the first non-finite loss or gradient, before the optimizer step uses it.
-
-Lightning's ``detect_anomaly`` finds the op but is far too slow to leave on; without a guard a NaN gradient at the
-last step of an epoch reaches the weights and the epoch's checkpoints. (The checkpoint IO also refuses to write
-non-finite weights, whatever produced them.)
-"""
+"""Stop at the first non-finite gradient, before the optimizer uses it (Lightning's ``detect_anomaly`` is too slow to
+leave on; the checkpoint IO also refuses non-finite weights, whatever produced them)."""
 
 from pathlib import Path
 from typing import Any

@@ -1,4 +1,4 @@
-"""Random number generator states saved in checkpoints, so a resumed run draws the same numbers as an unbroken one."""
+"""Random number generator states in checkpoints (Lightning saves none), so a resumed run draws the same numbers."""
 
 import random
 from typing import Any
@@ -9,16 +9,10 @@ from lightning.pytorch.callbacks import Callback
 
 
 class RNGState(Callback):
-    """Saves the torch (CPU and CUDA), numpy and Python RNG states with every checkpoint and restores them when
-    training resumes from it.
-
-    The states are restored as soon as the checkpoint is loaded, before the fit loop creates the training iterator
-    (its sampler and worker seeds come from the global generator); Lightning runs the sanity check inside
-    ``isolate_rng``, so it does not disturb them.
-    This makes the shuffling order, dropout masks and augmentations after a resume from an end-of-epoch checkpoint
-    the same as in an uninterrupted run (``tests/test_resume.py``). Everything is stored as tensors and plain
-    data, so checkpoints still load with ``torch.load(..., weights_only=True)``.
-    """
+    """The torch (CPU and CUDA), numpy and Python RNG states, saved with every checkpoint and restored as soon as
+    one is loaded, before the fit loop draws its shuffling seed (the sanity check runs in ``isolate_rng``): shuffling,
+    dropout and augmentation after a resume are those of an uninterrupted run. Stored as tensors and plain data
+    (``weights_only`` loading)."""
 
     def state_dict(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
