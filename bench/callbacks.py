@@ -42,8 +42,6 @@ class TestAccuracyLog(Callback):
             for batch in dm.test_dataloader():
                 x, y = (t.to(pl_module.device) for t in batch[:2])
                 logits = pl_module(x)
-                if getattr(pl_module, "tta_flip", False):
-                    logits = (logits + pl_module(x.flip(-1))) / 2
                 correct += (logits.argmax(-1) == y).sum().item()
                 total += len(y)
         pl_module.train(was_training)
