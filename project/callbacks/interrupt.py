@@ -36,10 +36,11 @@ class GracefulInterrupt(Callback):
 
     def __init__(self) -> None:
         self.requested, self.requeue_requested, self.slurm, self.saved, self.previous = False, False, False, None, {}
+        self.hpc_checkpoint: Path | None = None  # saved on SIGUSR1; requeued once Lightning logged that step
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and threading.current_thread() is threading.main_thread():
-            self.requested, self.requeue_requested, self.saved = False, False, None
+            self.requested, self.requeue_requested, self.saved, self.hpc_checkpoint = False, False, None, None
             self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self.on_sigint)
             self.slurm = SLURMEnvironment.detect()
             if self.slurm:
@@ -68,7 +69,39 @@ class GracefulInterrupt(Callback):
             requeue = trainer.strategy.reduce_boolean_decision(requeue, all=False)
         if requeue:
             self.requeue_requested = False
-            self.requeue(trainer)
+            folder = Path(trainer.default_root_dir)
+            numbers = [
+                int(m[1]) for p in folder.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)", p.stem))
+            ]
+            self.hpc_checkpoint = folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+            trainer.save_checkpoint(self.hpc_checkpoint)
+
+    def requeue(self, trainer: Trainer, *args: Any) -> None:
+        """What Lightning's SLURM handler does, between two steps: after the hpc checkpoint Lightning resumes a
+        requeued job from is saved and the step's metrics are logged, flush the loggers (``scontrol requeue`` kills
+        the job) and requeue the job from rank 0; end this job, or go on if SLURM refused."""
+        if self.hpc_checkpoint is None:
+            return
+        path, self.hpc_checkpoint = self.hpc_checkpoint, None
+        for logger in trainer.loggers:
+            logger.finalize("finished")
+        requeued, job = False, slurm_job_id()
+        if trainer.is_global_zero:
+            try:
+                done = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=60)
+                requeued, why = done.returncode == 0, done.stderr.strip()
+            except (OSError, subprocess.SubprocessError) as err:
+                why = str(err)
+            outcome = (
+                f"requeued job {job}, which resumes from it"
+                if requeued
+                else f"`scontrol requeue {job}` failed ({why}): training goes on"
+            )
+            rank_zero_info(f"SLURM requeue signal at step {trainer.global_step}: saved {path}; {outcome}")
+        if trainer.strategy.broadcast(requeued):
+            raise SystemExit(0)  # SLURM starts the job again
+
+    on_train_batch_start = on_validation_start = on_train_epoch_end = on_train_end = requeue
 
     def on_validation_batch_end(self, trainer: Trainer, *args: Any) -> None:
         if self.requested and not trainer.sanity_checking:
@@ -92,25 +125,3 @@ class GracefulInterrupt(Callback):
         folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
         self.saved = Path(folder) / "last.ckpt"
         trainer.save_checkpoint(self.saved)
-
-    def requeue(self, trainer: Trainer) -> None:
-        """What Lightning's SLURM handler does, between two steps: flush the loggers, save the hpc checkpoint Lightning
-        resumes a requeued job from, ``scontrol requeue`` on rank 0; then end this job, or go on if SLURM refused."""
-        for logger in trainer.loggers:
-            logger.finalize("finished")
-        folder = Path(trainer.default_root_dir)
-        numbers = [int(m[1]) for p in folder.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)", p.stem))]
-        path = folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
-        trainer.save_checkpoint(path)
-        requeued, job = False, slurm_job_id()
-        if trainer.is_global_zero:
-            try:
-                done = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=60)
-                requeued, why = done.returncode == 0, done.stderr.strip()
-            except (OSError, subprocess.SubprocessError) as err:
-                why = str(err)
-            rank_zero_info(f"SLURM requeue signal at step {trainer.global_step}: saved {path}; " + (
-                f"requeued job {job}, which resumes from it" if requeued else
-                f"`scontrol requeue {job}` failed ({why}): training goes on"))  # fmt: skip
-        if trainer.strategy.broadcast(requeued):
-            raise SystemExit(0)  # this job is requeued: SLURM starts it again
