@@ -41,6 +41,17 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+N_VAL, N_TEST = 61, 101  # odd: a padding sampler would count a sample twice
+
+
+@pytest.fixture(scope="session")
+def odd_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MNIST with 200 training (61 of them validation) and 101 test images, for the multi-process tests."""
+    root = tmp_path_factory.mktemp("odd-mnist")
+    write_mnist_family(root / "MNIST" / "raw", n_train=200, n_test=N_TEST, seed=3)
+    return root
+
+
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory: pytest.TempPathFactory):
     """A data_dir with format-exact CIFAR-10 and CIFAR-100 pickles; torchvision's MD5 lists point at them."""
@@ -62,17 +73,27 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fit(config: str, data_dir: Path, *extra: str, subcommand: str = "fit", run: bool = True):
     """``python -m project <subcommand> -c configs/<config> ...`` in-process: quiet, CSV logs in the cwd."""
     args = [subcommand] if run else []
-    return cli_main([*args, f"--config={CONFIGS / config}", CSV, f"--data.init_args.data_dir={data_dir}", *QUIET,
-                     *extra], run=run)  # fmt: skip
+    return cli_main(
+        [*args, f"--config={CONFIGS / config}", CSV, f"--data.init_args.data_dir={data_dir}", *QUIET, *extra], run=run
+    )
 
 
-def run_module(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str | None) -> subprocess.CompletedProcess:
+def run_module(
+    *args: str, cwd: Path | None = None, timeout: float = 300, **env: str | None
+) -> subprocess.CompletedProcess:
     """``python -m <args>`` as a separate process (stdin closed), with the repository on the path; ``env`` values
     of None unset a variable."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
     environment = {k: v for k, v in environment.items() if v is not None}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def error_line(err: str) -> str:

@@ -17,8 +17,12 @@ def test_fit_then_validate_and_test_from_the_checkpoint_give_the_logged_numbers(
     best checkpoint through the run's own config.yaml reproduce the numbers the fit run logged."""
     data = request.getfixturevalue(root)
     data = data[0] if isinstance(data, tuple) else data
-    small = ["--model.init_args.net.init_args.width=8", "--data.init_args.batch_size=32", "--data.init_args.num_workers=0",
-             "--data.init_args.val_split=0.2"]
+    small = [
+        "--model.init_args.net.init_args.width=8",
+        "--data.init_args.batch_size=32",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.val_split=0.2",
+    ]
     cli = fit(config, data, *small, "--trainer.max_epochs=2", "--test_after_fit=true")
     run_dir = Path(cli.trainer.log_dir)
     assert run_dir == Path("runs") / config.removesuffix(".yaml") / "version_0"
@@ -43,8 +47,16 @@ def test_fit_then_validate_and_test_from_the_checkpoint_give_the_logged_numbers(
 def test_data_is_linked_into_the_model_and_the_net(cifar_root):
     cli = fit("cifar100.yaml", cifar_root[0], "--model.init_args.net.init_args.width=4", run=False)
     model = cli.model
-    assert model.num_classes == 100 and len(model.class_names) == 100 and model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
-    assert model.hparams["net"]["init_args"]["num_classes"] == 100 and tuple(model.hparams["image_shape"]) == (3, 32, 32)
+    assert (
+        model.num_classes == 100
+        and len(model.class_names) == 100
+        and model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    )
+    assert model.hparams["net"]["init_args"]["num_classes"] == 100 and tuple(model.hparams["image_shape"]) == (
+        3,
+        32,
+        32,
+    )
     assert model.mean.flatten().tolist() == pytest.approx(cli.datamodule.mean)
 
 
@@ -55,7 +67,7 @@ from torch import nn
 class Net(nn.Module):
     def __init__(self, num_classes: int, input_shape):
         super().__init__()
-        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], num_classes))
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
 
     def forward(self, x):
         return self.layers(x)
@@ -73,10 +85,18 @@ def test_a_net_taking_only_the_linked_arguments(mnist_root, tmp_path, monkeypatc
 
 
 def test_optimizer_and_scheduler_overrides_take_effect(mnist_root):
-    cli = fit("mnist.yaml", mnist_root, "--trainer.fast_dev_run=1", "--model.optimizer=torch.optim.SGD",
-              "--model.optimizer.lr=0.05", "--model.optimizer.momentum=0.9", "--model.optimizer.weight_decay=0.01",
-              "--model.scheduler=torch.optim.lr_scheduler.StepLR", "--model.scheduler.step_size=7",
-              "--model.scheduler_interval=step")  # fmt: skip
+    cli = fit(
+        "mnist.yaml",
+        mnist_root,
+        "--trainer.fast_dev_run=1",
+        "--model.optimizer=torch.optim.SGD",
+        "--model.optimizer.lr=0.05",
+        "--model.optimizer.momentum=0.9",
+        "--model.optimizer.weight_decay=0.01",
+        "--model.scheduler=torch.optim.lr_scheduler.StepLR",
+        "--model.scheduler.step_size=7",
+        "--model.scheduler_interval=step",
+    )
     optimizer = cli.trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]  # none on biases and norms
@@ -86,8 +106,14 @@ def test_optimizer_and_scheduler_overrides_take_effect(mnist_root):
 
 
 def test_one_cycle_gets_the_run_length_and_a_longer_resume_stops_with_one_line(mnist_root, capsys):
-    cli = fit("fashion_mnist.yaml", mnist_root, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-              "--trainer.limit_val_batches=1", "--model.init_args.net.init_args.width=4")  # fmt: skip
+    cli = fit(
+        "fashion_mnist.yaml",
+        mnist_root,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--model.init_args.net.init_args.width=4",
+    )
     assert cli.trainer.lr_scheduler_configs[0].scheduler.total_steps == 3
     config = Path(cli.trainer.log_dir) / "config.yaml"
     line = fails(["fit", f"--config={config}", "--ckpt_path=last", "--trainer.max_epochs=3"], capsys)
@@ -96,8 +122,14 @@ def test_one_cycle_gets_the_run_length_and_a_longer_resume_stops_with_one_line(m
 
 
 def test_checkpoints_are_plain_data_and_the_model_takes_raw_images(mnist_root):
-    cli = fit("fashion_mnist.yaml", mnist_root, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-              "--trainer.limit_val_batches=1", "--model.init_args.net.init_args.width=4")  # fmt: skip
+    cli = fit(
+        "fashion_mnist.yaml",
+        mnist_root,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--model.init_args.net.init_args.width=4",
+    )
     path = cli.config_init.fit.checkpoint.best_model_path
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]  # no pickled modules or classes inside
     assert tuple(hparams["mean"]) == (0.2860,) and hparams["class_names"][0] == "T-shirt/top"
@@ -108,15 +140,33 @@ def test_checkpoints_are_plain_data_and_the_model_takes_raw_images(mnist_root):
 
 
 def test_default_root_dir_decides_where_runs_go_and_a_smoke_run_leaves_nothing(mnist_root, tmp_path):
-    cli = fit("mnist.yaml", mnist_root, "--trainer.default_root_dir=elsewhere/runs", "--trainer.max_epochs=1",
-              "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1")  # fmt: skip
+    cli = fit(
+        "mnist.yaml",
+        mnist_root,
+        "--trainer.default_root_dir=elsewhere/runs",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+    )
     assert Path(cli.trainer.log_dir) == Path("elsewhere/runs/mnist/version_0")
-    assert {p.name for p in Path(cli.trainer.log_dir).iterdir()} == {"config.yaml", "checkpoints", "metrics.csv",
-                                                                     "hparams.yaml"}
+    assert {p.name for p in Path(cli.trainer.log_dir).iterdir()} == {
+        "config.yaml",
+        "checkpoints",
+        "metrics.csv",
+        "hparams.yaml",
+    }
     before = sorted(tmp_path.rglob("*"))
     for _ in range(2):
-        cli_main(["fit", f"--config={CONFIGS / 'mnist.yaml'}", f"--data.init_args.data_dir={mnist_root}", *QUIET,
-                  "--trainer.fast_dev_run=true", "--test_after_fit=true"])  # fmt: skip
+        cli_main(
+            [
+                "fit",
+                f"--config={CONFIGS / 'mnist.yaml'}",
+                f"--data.init_args.data_dir={mnist_root}",
+                *QUIET,
+                "--trainer.fast_dev_run=true",
+                "--test_after_fit=true",
+            ]
+        )
     assert sorted(tmp_path.rglob("*")) == before, "fast_dev_run writes no checkpoints, logs or configs"
 
 
@@ -124,21 +174,44 @@ def test_default_root_dir_decides_where_runs_go_and_a_smoke_run_leaves_nothing(m
 def test_lightning_callback_short_names_work(name, mnist_root):
     """The form the LightningCLI docs teach; a stock ModelCheckpoint beside the two the CLI adds."""
     extra = ["--trainer.callbacks.monitor=val/loss"] if name == "EarlyStopping" else []
-    cli = fit("mnist.yaml", mnist_root, f"--trainer.callbacks+={name}", *extra, "--trainer.max_epochs=1",
-              "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1")  # fmt: skip
+    cli = fit(
+        "mnist.yaml",
+        mnist_root,
+        f"--trainer.callbacks+={name}",
+        *extra,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+    )
     assert name in [type(c).__name__ for c in cli.trainer.callbacks] and cli.trainer.state.finished
 
 
 def test_no_logger_trains_and_checkpoints(mnist_root):
-    cli = cli_main(["fit", f"--config={CONFIGS / 'mnist.yaml'}", f"--config={CONFIGS / 'logger/none.yaml'}", *QUIET,
-                    f"--data.init_args.data_dir={mnist_root}", "--trainer.max_epochs=1",
-                    "--trainer.limit_train_batches=2", "--test_after_fit=true"])  # fmt: skip
+    cli = cli_main(
+        [
+            "fit",
+            f"--config={CONFIGS / 'mnist.yaml'}",
+            f"--config={CONFIGS / 'logger/none.yaml'}",
+            *QUIET,
+            f"--data.init_args.data_dir={mnist_root}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--test_after_fit=true",
+        ]
+    )
     assert not cli.trainer.loggers and cli.trainer.state.finished and "test/acc" in cli.trainer.callback_metrics
     assert sorted(p.name for p in Path("runs/checkpoints").iterdir())[-1] == "last.ckpt"
 
 
 def test_learning_rate_is_logged_once_and_configurable(mnist_root):
-    cli = fit("fashion_mnist.yaml", mnist_root, CSV, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-              "--lr_monitor.log_momentum=true", "--model.init_args.net.init_args.width=4")  # fmt: skip
+    cli = fit(
+        "fashion_mnist.yaml",
+        mnist_root,
+        CSV,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--lr_monitor.log_momentum=true",
+        "--model.init_args.net.init_args.width=4",
+    )
     metrics = read_metrics(Path(cli.trainer.log_dir))
     assert len(metrics["lr-AdamW/pg1"]) == 3 and "lr-AdamW/pg1-momentum" in metrics  # per step: OneCycle is per step

@@ -12,17 +12,35 @@ from project.cli import cli_main
 from tests.conftest import CONFIGS, QUIET
 
 STACKS = {  # every YAML under configs/ is in at least one stack (checked below)
-    "mnist": ["mnist.yaml", "trainer/clip.yaml", "trainer/early_stopping.yaml", "trainer/throughput.yaml",
-              "trainer/device_stats.yaml", "logger/csv.yaml", "debug/limit_batches.yaml", "predict/jsonl.yaml"],
-    "prune": ["fashion_mnist.yaml", "trainer/early_stopping.yaml", "compress/prune.yaml", "trainer/profile.yaml",
-              "logger/wandb.yaml"],
+    "mnist": [
+        "mnist.yaml",
+        "trainer/clip.yaml",
+        "trainer/early_stopping.yaml",
+        "trainer/throughput.yaml",
+        "trainer/device_stats.yaml",
+        "logger/csv.yaml",
+        "debug/limit_batches.yaml",
+        "predict/jsonl.yaml",
+    ],
+    "prune": [
+        "fashion_mnist.yaml",
+        "trainer/early_stopping.yaml",
+        "compress/prune.yaml",
+        "trainer/profile.yaml",
+        "logger/wandb.yaml",
+    ],
     "distill": ["fashion_mnist.yaml", "trainer/early_stopping.yaml", "compress/distill.yaml"],
-    "cifar10": ["cifar10.yaml", "trainer/profile_advanced.yaml", "logger/tensorboard.yaml", "debug/overfit_batches.yaml"],
+    "cifar10": [
+        "cifar10.yaml",
+        "trainer/profile_advanced.yaml",
+        "logger/tensorboard.yaml",
+        "debug/overfit_batches.yaml",
+    ],
     "cifar100": ["cifar100.yaml", "trainer/profile_pytorch.yaml", "logger/none.yaml"],
     "finetune": ["folder.yaml", "trainer/early_stopping.yaml", "finetune/resnet18.yaml"],
     "fast": ["experiment/fashion_mnist_fast.yaml"],
     "cifar_fast": ["experiment/cifar10_fast.yaml", "trainer/early_stopping.yaml"],
-}  # fmt: skip
+}
 PRINT_ONLY = {"trainer/ddp.yaml": "needs CUDA GPUs", "trainer/ddp_cpu.yaml": "starts 2 processes: tests/test_ddp.py"}
 DATA = {"mnist": "mnist_root", "fashion": "mnist_root", "cifar": "cifar_root", "folder": "image_root"}
 SMALL = {
@@ -46,8 +64,16 @@ def test_every_shipped_config_is_covered():
 @pytest.fixture(scope="module")
 def teacher(mnist_root, tmp_path_factory) -> Path:
     """A Fashion-MNIST checkpoint of the main job's net, for the distillation config."""
-    cli = cli_main([f"--config={CONFIGS / 'fashion_mnist.yaml'}", *QUIET, f"--data.init_args.data_dir={mnist_root}",
-                    "--model.init_args.net.init_args.width=4", "--trainer.fast_dev_run=1"], run=False)  # fmt: skip
+    cli = cli_main(
+        [
+            f"--config={CONFIGS / 'fashion_mnist.yaml'}",
+            *QUIET,
+            f"--data.init_args.data_dir={mnist_root}",
+            "--model.init_args.net.init_args.width=4",
+            "--trainer.fast_dev_run=1",
+        ],
+        run=False,
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
     cli.trainer.save_checkpoint(path)
@@ -64,15 +90,23 @@ def without_files(printed: str) -> dict:
 def test_config_prints_round_trips_and_runs(name, request, tmp_path):
     data = request.getfixturevalue(DATA[next(k for k in DATA if STACKS[name][0].split("/")[-1].startswith(k))])
     data = data[0] if isinstance(data, tuple) else data
-    args = [*(f"--config={CONFIGS / c}" for c in STACKS[name]), *QUIET, f"--data.init_args.data_dir={data}",
-            "--data.init_args.num_workers=0", *SMALL.get(name, []), "--trainer.fast_dev_run=2"]  # fmt: skip
+    args = [
+        *(f"--config={CONFIGS / c}" for c in STACKS[name]),
+        *QUIET,
+        f"--data.init_args.data_dir={data}",
+        "--data.init_args.num_workers=0",
+        *SMALL.get(name, []),
+        "--trainer.fast_dev_run=2",
+    ]
     if name == "distill":
         args.append(f"--model.init_args.teacher_ckpt={request.getfixturevalue('teacher')}")
     printed = cli_main(args, run=False)
     (tmp_path / "printed.yaml").write_text(printed.parser.dump(printed.config, skip_none=False))
     assert "Unable to serialize" not in (tmp_path / "printed.yaml").read_text()
     cli = cli_main(["--config=printed.yaml"], run=False)  # valid input again: the same config, and it trains
-    assert without_files(cli.parser.dump(cli.config, skip_none=False)) == without_files((tmp_path / "printed.yaml").read_text())
+    assert without_files(cli.parser.dump(cli.config, skip_none=False)) == without_files(
+        (tmp_path / "printed.yaml").read_text()
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step > 0 and "test/loss" in cli.trainer.callback_metrics

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from project.data import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, ImageFolderDataModule
-from project.data import MNISTDataModule, vision
+from project.data import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    vision,
+)
 from project.data.batches import BatchAugment, InMemory, TensorLoader
 from project.errors import UserError
 from tests.formats import draw, write_image_folder, write_mnist_family
@@ -52,7 +58,9 @@ def test_split_is_stratified_seeded_disjoint_and_from_train_only(mnist_root):
     for dm in (a, b, c):
         dm.setup("fit")
     train, val = a.splits["train"].indices, a.splits["val"].indices
-    assert len(val) == 150 and len(train) == 450 and set(train) | set(val) == set(range(600)) and not set(train) & set(val)
+    assert (
+        len(val) == 150 and len(train) == 450 and set(train) | set(val) == set(range(600)) and not set(train) & set(val)
+    )
     labels = torch.as_tensor(a.splits["train"].dataset.targets)
     assert torch.bincount(labels[val]).tolist() == [15] * 10  # every class in proportion
     assert val == b.splits["val"].indices and val != c.splits["val"].indices
@@ -155,7 +163,9 @@ def test_tensor_loader_is_seeded_sharded_and_resumes_mid_epoch():
     a, b = loader(), loader()
     first = collect(a)[0].flatten()
     assert torch.equal(first, collect(b)[0].flatten()) and sorted(first.tolist()) == list(range(103))
-    assert not torch.equal(first, collect(a)[0].flatten()) and not torch.equal(first, collect(loader(seed=8))[0].flatten())
+    assert not torch.equal(first, collect(a)[0].flatten()) and not torch.equal(
+        first, collect(loader(seed=8))[0].flatten()
+    )
     shards = [collect(loader(rank=r, world_size=3))[0].flatten().tolist() for r in range(3)]
     assert len({len(s) for s in shards}) == 1 and len(set(sum(shards, []))) == 102  # disjoint, equal lengths
     reference = loader()
@@ -173,8 +183,17 @@ def test_tensor_loader_is_seeded_sharded_and_resumes_mid_epoch():
 def test_weighted_sampler_balances_classes(tmp_path):
     root = write_image_folder(tmp_path / "imgs", {"red": 40, "stripes": 8})
     for kind in ("torchvision", "tensor"):
-        dm = ImageFolderDataModule(root, image_size=8, val_split=0.25, test_split=0.0, sampler="weighted",
-                                   batch_size=500, mean=[0.5] * 3, std=[0.5] * 3, loader=kind)  # fmt: skip
+        dm = ImageFolderDataModule(
+            root,
+            image_size=8,
+            val_split=0.25,
+            test_split=0.0,
+            sampler="weighted",
+            batch_size=500,
+            mean=[0.5] * 3,
+            std=[0.5] * 3,
+            loader=kind,
+        )
         dm.setup("fit")
         train = dm.train_dataloader()
         labels = torch.cat([y for _ in range(30) for _, y in train])
@@ -193,8 +212,15 @@ def test_folder_splits_are_stratified_and_seeded(image_root, tmp_path):
     write_image_folder(tmp_path / "split" / "train", {"a": 6, "b": 6})
     write_image_folder(tmp_path / "split" / "test", {"a": 2, "b": 3}, seed=1)
     write_image_folder(tmp_path / "unlabelled" / "any", {"x": 4}, seed=2)
-    dm = ImageFolderDataModule(tmp_path / "split", channels=1, image_size=(16, 12), val_split=0.5, mean=[0.5],
-                               std=[0.25], predict_dir=str(tmp_path / "unlabelled"))  # fmt: skip
+    dm = ImageFolderDataModule(
+        tmp_path / "split",
+        channels=1,
+        image_size=(16, 12),
+        val_split=0.5,
+        mean=[0.5],
+        std=[0.25],
+        predict_dir=str(tmp_path / "unlabelled"),
+    )
     dm.setup()
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [6, 6, 5]
     dm.setup("predict")

@@ -10,40 +10,49 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler
 
+from extras.runs import read_wandb_run
 from project.cli import cli_main
 from project.data import MNISTDataModule
-from extras.runs import read_wandb_run
-from tests.conftest import CONFIGS, QUIET, run_module
-from tests.formats import write_mnist_family
+from tests.conftest import CONFIGS, N_TEST, N_VAL, QUIET, run_module
 
 pytestmark = pytest.mark.slow  # each test starts two processes
-N_VAL, N_TEST = 61, 101  # odd: a padding sampler would count a sample twice
-
-
-@pytest.fixture(scope="module")
-def odd_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("odd-mnist")
-    write_mnist_family(root / "MNIST" / "raw", n_train=200, n_test=N_TEST, seed=3)
-    return root
 
 
 def ddp(subcommand: str, data: Path, *extra: str) -> list[str]:
-    return [subcommand, f"--config={CONFIGS / 'mnist.yaml'}", f"--config={CONFIGS / 'trainer/ddp_cpu.yaml'}", *QUIET,
-            f"--data.init_args.data_dir={data}", f"--data.init_args.val_split={N_VAL}", "--data.init_args.batch_size=16",
-            "--model.init_args.net.init_args.hidden=[16]", *extra]  # fmt: skip
+    return [
+        subcommand,
+        f"--config={CONFIGS / 'mnist.yaml'}",
+        f"--config={CONFIGS / 'trainer/ddp_cpu.yaml'}",
+        *QUIET,
+        f"--data.init_args.data_dir={data}",
+        f"--data.init_args.val_split={N_VAL}",
+        "--data.init_args.batch_size=16",
+        "--model.init_args.net.init_args.hidden=[16]",
+        *extra,
+    ]
 
 
 def test_two_processes_evaluate_every_sample_once_and_write_one_run(odd_mnist, tmp_path):
-    done = run_module("project", *ddp("fit", odd_mnist, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-                                      "--test_after_fit=true"), cwd=tmp_path)  # fmt: skip
+    done = run_module(
+        "project",
+        *ddp("fit", odd_mnist, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--test_after_fit=true"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0 and "MEMBER: 2/2" in done.stderr, done.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs" / "mnist").iterdir()
     assert run_dir.name == "version_0" and len(list(tmp_path.rglob("*.wandb"))) == 1, "rank 1 writes nothing"
     logged = read_wandb_run(run_dir)["summary"]
     best = next((run_dir / "checkpoints").glob("epoch=*.ckpt"))
     for stage, key in (("validate", "val"), ("test", "test")):
-        single = cli_main([stage, f"--config={run_dir / 'config.yaml'}", "--trainer.devices=1", "--trainer.strategy=auto",
-                           f"--ckpt_path={best}"])  # fmt: skip
+        single = cli_main(
+            [
+                stage,
+                f"--config={run_dir / 'config.yaml'}",
+                "--trainer.devices=1",
+                "--trainer.strategy=auto",
+                f"--ckpt_path={best}",
+            ]
+        )
         for name in ("acc", "loss", "f1"):
             got = float(single.trainer.callback_metrics[f"{key}/{name}"])
             assert got == pytest.approx(logged[f"{key}/{name}"], rel=1e-5, abs=1e-6), (key, name)
@@ -59,12 +68,29 @@ class PaddedPredict(MNISTDataModule):
 
 
 def test_predict_keeps_each_input_once_when_the_sampler_pads(odd_mnist, tmp_path):
-    fitted = cli_main(["fit", f"--config={CONFIGS / 'mnist.yaml'}", f"--data.init_args.data_dir={odd_mnist}", *QUIET,
-                       "--trainer.max_epochs=1", "--model.init_args.net.init_args.hidden=[16]"])  # fmt: skip
+    fitted = cli_main(
+        [
+            "fit",
+            f"--config={CONFIGS / 'mnist.yaml'}",
+            f"--data.init_args.data_dir={odd_mnist}",
+            *QUIET,
+            "--trainer.max_epochs=1",
+            "--model.init_args.net.init_args.hidden=[16]",
+        ]
+    )
     ckpt = fitted.config_init.fit.checkpoint.best_model_path
-    done = run_module("project", *ddp("predict", odd_mnist, "--data=tests.test_ddp.PaddedPredict",
-                                      f"--data.init_args.data_dir={odd_mnist}", f"--ckpt_path={ckpt}",
-                                      "--data.init_args.eval_batch_size=20"), cwd=tmp_path)  # fmt: skip
+    done = run_module(
+        "project",
+        *ddp(
+            "predict",
+            odd_mnist,
+            "--data=tests.test_ddp.PaddedPredict",
+            f"--data.init_args.data_dir={odd_mnist}",
+            f"--ckpt_path={ckpt}",
+            "--data.init_args.eval_batch_size=20",
+        ),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "runs" / "padded_predict" / "version_0" / "predictions.csv") as f:
         ids = [int(r["id"]) for r in csv.DictReader(f)]
@@ -85,6 +111,10 @@ class DieOnRank(Callback):
 
 
 def test_a_dying_worker_takes_the_job_down_with_one_line(odd_mnist, tmp_path):
-    done = run_module("project", *ddp("fit", odd_mnist, "--trainer.limit_train_batches=10",
-                                      "--trainer.callbacks+=tests.test_ddp.DieOnRank"), cwd=tmp_path, timeout=200)  # fmt: skip
+    done = run_module(
+        "project",
+        *ddp("fit", odd_mnist, "--trainer.limit_train_batches=10", "--trainer.callbacks+=tests.test_ddp.DieOnRank"),
+        cwd=tmp_path,
+        timeout=200,
+    )
     assert done.returncode != 0 and "error: a DDP worker stopped answering" in done.stderr, done.stderr[-3000:]

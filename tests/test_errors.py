@@ -16,7 +16,9 @@ MNIST = f"--config={CONFIGS / 'mnist.yaml'}"
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for r in roots for p in Path(r).rglob("*") if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for r in roots for p in Path(r).rglob("*") if p.is_file()
+    }
 
 
 def fails_untouched(args: list[str], capsys, *roots: Path) -> str:
@@ -53,14 +55,18 @@ def fails_untouched(args: list[str], capsys, *roots: Path) -> str:
 )
 def test_bad_value_on_the_command_line(args, expected, capsys, mnist_root, tmp_path):
     (tmp_path / "blocker").write_text("a file, not a folder (root ignores permission bits, not this)\n")
-    line = fails_untouched(["fit", MNIST, CSV, f"--data.init_args.data_dir={mnist_root}", *QUIET, *args], capsys, mnist_root)
+    line = fails_untouched(
+        ["fit", MNIST, CSV, f"--data.init_args.data_dir={mnist_root}", *QUIET, *args], capsys, mnist_root
+    )
     assert expected in line, line
 
 
 def test_bad_subcommand_config_file_or_yaml(tmp_path, capsys):
     assert "fti" in fails_untouched(["fti"], capsys)
     (tmp_path / "mine.yaml").write_text("trainer:\n  max_epocs: 3\n")
-    assert "--trainer.max_epocs (did you mean --trainer.max_epochs?)" in fails_untouched(["fit", MNIST, "-c", "mine.yaml"], capsys)
+    assert "--trainer.max_epocs (did you mean --trainer.max_epochs?)" in fails_untouched(
+        ["fit", MNIST, "-c", "mine.yaml"], capsys
+    )
     assert "nope.yaml" in fails_untouched(["fit", "--config=nope.yaml"], capsys)
     (tmp_path / "broken.yaml").write_text("trainer:\n  max_epochs: [1\nmodel: {}\n")
     line = fails_untouched(["fit", MNIST, "--config=broken.yaml"], capsys)
@@ -78,8 +84,13 @@ def test_debug_shows_the_traceback(monkeypatch):
 @pytest.fixture(scope="module")
 def mnist_ckpt(tmp_path_factory, mnist_root) -> Path:
     """A real checkpoint of the MNIST config (an MLP, 10 classes, 1x28x28)."""
-    cli = fit("mnist.yaml", mnist_root, "--trainer.fast_dev_run=1", "--model.init_args.net.init_args.hidden=[16]",
-              "--trainer.enable_checkpointing=true")  # fmt: skip
+    cli = fit(
+        "mnist.yaml",
+        mnist_root,
+        "--trainer.fast_dev_run=1",
+        "--model.init_args.net.init_args.hidden=[16]",
+        "--trainer.enable_checkpointing=true",
+    )
     path = tmp_path_factory.mktemp("ckpt") / "mnist.ckpt"
     cli.trainer.save_checkpoint(path)
     return path
@@ -109,14 +120,25 @@ def test_bad_checkpoints_are_refused_with_one_line(tmp_path, capsys, mnist_root,
     for subcommand in ("validate", "test", "fit"):
         line = fails_untouched([subcommand, *base, "--ckpt_path=evil.ckpt"], capsys)
         assert "refused to load evil.ckpt" in line and "could run code" in line and not marker.exists()
-    assert "notes.ckpt is not a readable checkpoint" in fails_untouched(["validate", *base, "--ckpt_path=notes.ckpt"], capsys)
+    assert "notes.ckpt is not a readable checkpoint" in fails_untouched(
+        ["validate", *base, "--ckpt_path=notes.ckpt"], capsys
+    )
     line = fails_untouched(["validate", *base, "--ckpt_path=other.ckpt"], capsys)
     assert "comes from another model" in line and "hidden_dim" in line
     assert "not a Lightning checkpoint" in fails_untouched(["validate", *base, "--ckpt_path=bare.ckpt"], capsys)
     # CIFAR-100's data (100 classes, 3x32x32) against the MNIST checkpoint's MLP (10 classes, 1x28x28)
-    line = fails(["validate", f"--config={CONFIGS / 'cifar100.yaml'}", CSV, f"--data.init_args.data_dir={cifar_root[0]}",
-                  "--data.init_args.num_workers=0", "--data.init_args.val_split=0.2", f"--ckpt_path={mnist_ckpt}"],
-                 capsys)  # fmt: skip
+    line = fails(
+        [
+            "validate",
+            f"--config={CONFIGS / 'cifar100.yaml'}",
+            CSV,
+            f"--data.init_args.data_dir={cifar_root[0]}",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.val_split=0.2",
+            f"--ckpt_path={mnist_ckpt}",
+        ],
+        capsys,
+    )
     assert "the checkpoint does not fit this model" in line and "saved" in line and "config.yaml" in line
 
 
@@ -145,8 +167,17 @@ def test_damaged_data_files_are_one_line(tmp_path, capsys, mnist_root, cifar_roo
 
 
 def test_an_earlier_run_folder_is_never_overwritten(capsys, mnist_root):
-    args = ["fit", MNIST, CSV, f"--data.init_args.data_dir={mnist_root}", *QUIET, "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.logger.init_args.version=0"]
+    args = [
+        "fit",
+        MNIST,
+        CSV,
+        f"--data.init_args.data_dir={mnist_root}",
+        *QUIET,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger.init_args.version=0",
+    ]
     cli_main(args)
     assert "runs/mnist/version_0 holds an earlier run" in fails_untouched(args, capsys)
 
@@ -160,10 +191,21 @@ SECRETS = {
 
 def test_secrets_never_reach_output_files(tmp_path, mnist_root):
     """A real process (W&B offline and CSV logs, fit + test) with planted keys: no file and no console line has them."""
-    done = run_module("project", "fit", MNIST, f"--data.init_args.data_dir={mnist_root}", *QUIET, "--test_after_fit=true",
-                      "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-                      "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", cwd=tmp_path, WANDB_MODE="offline",
-                      **SECRETS)  # fmt: skip
+    done = run_module(
+        "project",
+        "fit",
+        MNIST,
+        f"--data.init_args.data_dir={mnist_root}",
+        *QUIET,
+        "--test_after_fit=true",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=2",
+        "--trainer.logger+=lightning.pytorch.loggers.CSVLogger",
+        cwd=tmp_path,
+        WANDB_MODE="offline",
+        **SECRETS,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     outputs = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(list(tmp_path.rglob("*.wandb"))) == 1 and len(list(tmp_path.rglob("*.ckpt"))) == 2

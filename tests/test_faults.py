@@ -20,7 +20,11 @@ from project.errors import UserError
 from project.models.nets import MLP
 from tests.conftest import CONFIGS, CSV, QUIET, ROOT, fails, fit
 
-SHORT = ["--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2", "--model.init_args.net.init_args.hidden=[16]"]
+SHORT = [
+    "--trainer.limit_train_batches=4",
+    "--trainer.limit_val_batches=2",
+    "--model.init_args.net.init_args.hidden=[16]",
+]
 
 
 class NaNGradient(torch.autograd.Function):
@@ -57,9 +61,20 @@ def test_non_finite_gradients_never_reach_a_checkpoint(nan_at, kept, capsys, mni
     """NaN gradients with a finite loss, at the last step of epoch 0 (nothing saved yet) or in epoch 1 (epoch 0's
     checkpoints, at step 4, are the last good ones): the run stops before the update, every file on disk is finite,
     and the message names a checkpoint only if it exists."""
-    line = fails(["fit", f"--config={CONFIGS / 'mnist.yaml'}", CSV, f"--data.init_args.data_dir={mnist_root}", *QUIET,
-                  *SHORT, "--trainer.max_epochs=3", "--model.init_args.net.class_path=tests.test_faults.NaNAfter",
-                  f"--model.init_args.net.init_args.nan_at={nan_at}"], capsys)  # fmt: skip
+    line = fails(
+        [
+            "fit",
+            f"--config={CONFIGS / 'mnist.yaml'}",
+            CSV,
+            f"--data.init_args.data_dir={mnist_root}",
+            *QUIET,
+            *SHORT,
+            "--trainer.max_epochs=3",
+            "--model.init_args.net.class_path=tests.test_faults.NaNAfter",
+            f"--model.init_args.net.init_args.nan_at={nan_at}",
+        ],
+        capsys,
+    )
     assert f"gradients are not finite at step {nan_at - 1} (epoch {(nan_at - 1) // 4})" in line and "lr" in line
     saved = sorted(Path("runs/mnist/version_0/checkpoints").glob("*.ckpt"))
     if kept is None:
@@ -71,9 +86,20 @@ def test_non_finite_gradients_never_reach_a_checkpoint(nan_at, kept, capsys, mni
 
 
 def test_huge_learning_rate_is_caught(capsys, mnist_root):
-    line = fails(["fit", f"--config={CONFIGS / 'mnist.yaml'}", CSV, f"--data.init_args.data_dir={mnist_root}", *QUIET,
-                  *SHORT, "--trainer.max_epochs=2", "--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1e30"],
-                 capsys)  # fmt: skip
+    line = fails(
+        [
+            "fit",
+            f"--config={CONFIGS / 'mnist.yaml'}",
+            CSV,
+            f"--data.init_args.data_dir={mnist_root}",
+            *QUIET,
+            *SHORT,
+            "--trainer.max_epochs=2",
+            "--model.optimizer=torch.optim.SGD",
+            "--model.optimizer.lr=1e30",
+        ],
+        capsys,
+    )
     assert "are not finite at step" in line
     assert all(all_finite(p) for p in Path("runs/mnist/version_0/checkpoints").glob("*.ckpt"))
 
@@ -109,8 +135,18 @@ def test_disk_full_during_fit_is_one_line_and_keeps_earlier_checkpoints(capsys, 
         return real_save(obj, f, *args, **kwargs) if len(calls) <= 2 else failing_save(1000)(obj, f)  # epoch 0 ok
 
     monkeypatch.setattr(project.checkpoint_io.torch, "save", save_then_fill_the_disk)
-    line = fails(["fit", f"--config={CONFIGS / 'mnist.yaml'}", CSV, f"--data.init_args.data_dir={mnist_root}", *QUIET,
-                  *SHORT, "--trainer.max_epochs=2"], capsys)  # fmt: skip
+    line = fails(
+        [
+            "fit",
+            f"--config={CONFIGS / 'mnist.yaml'}",
+            CSV,
+            f"--data.init_args.data_dir={mnist_root}",
+            *QUIET,
+            *SHORT,
+            "--trainer.max_epochs=2",
+        ],
+        capsys,
+    )
     assert line.startswith("error: disk full while writing") and "earlier files are intact" in line
     checkpoints = Path("runs/mnist/version_0/checkpoints")
     assert len(list(checkpoints.iterdir())) == 2 and torch.load(checkpoints / "last.ckpt")["global_step"] == 4
@@ -121,12 +157,23 @@ def test_resumed_run_is_bit_identical_and_last_ckpt_follows_every_epoch(mnist_ro
     the weights of an uninterrupted one (both loaders). lr=0 after epoch 0 would freeze the best checkpoint; last.ckpt
     still moves every epoch."""
     for loader in ("torchvision", "tensor"):
-        common = [*SHORT, "--model.init_args.net.init_args.dropout=0.5", "--data.init_args.augment=standard",
-                  f"--data.init_args.loader={loader}", "--trainer.deterministic=true"]  # fmt: skip
+        common = [
+            *SHORT,
+            "--model.init_args.net.init_args.dropout=0.5",
+            "--data.init_args.augment=standard",
+            f"--data.init_args.loader={loader}",
+            "--trainer.deterministic=true",
+        ]
         straight = fit("mnist.yaml", mnist_root, *common, "--trainer.max_epochs=3")
         first = fit("mnist.yaml", mnist_root, *common, "--trainer.max_epochs=1")
-        resumed = cli_main(["fit", f"--config={Path(first.trainer.log_dir) / 'config.yaml'}", "--trainer.max_epochs=3",
-                            "--ckpt_path=last"])  # fmt: skip
+        resumed = cli_main(
+            [
+                "fit",
+                f"--config={Path(first.trainer.log_dir) / 'config.yaml'}",
+                "--trainer.max_epochs=3",
+                "--ckpt_path=last",
+            ]
+        )
         assert resumed.trainer.global_step == straight.trainer.global_step == 12
         a, b = straight.model.state_dict(), resumed.model.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after resume ({loader})"
@@ -153,7 +200,9 @@ class StepMarker(Callback):
 
 def launch(cwd: Path, markers: Path, *args: str, delay: float = 0.05) -> subprocess.Popen:
     markers.mkdir(parents=True)
-    marker = f'{{"class_path": "tests.test_faults.StepMarker", "init_args": {{"folder": "{markers}", "delay": {delay}}}}}'
+    marker = (
+        f'{{"class_path": "tests.test_faults.StepMarker", "init_args": {{"folder": "{markers}", "delay": {delay}}}}}'
+    )
     command = [sys.executable, "-m", "project", "fit", *args, f"--trainer.callbacks=[{marker}]"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -164,13 +213,22 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 200) -> Non
     while not path.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise AssertionError(f"{path} never appeared (rc={process.returncode}):\n{process.communicate()[1][-3000:]}")
+            raise AssertionError(
+                f"{path} never appeared (rc={process.returncode}):\n{process.communicate()[1][-3000:]}"
+            )
         time.sleep(0.05)
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, mnist_root):
-    args = [f"--config={CONFIGS / 'mnist.yaml'}", CSV, f"--data.init_args.data_dir={mnist_root}", *QUIET,
-            "--trainer.max_epochs=2", "--data.init_args.batch_size=32", "--model.init_args.net.init_args.hidden=[16]"]
+    args = [
+        f"--config={CONFIGS / 'mnist.yaml'}",
+        CSV,
+        f"--data.init_args.data_dir={mnist_root}",
+        *QUIET,
+        "--trainer.max_epochs=2",
+        "--data.init_args.batch_size=32",
+        "--model.init_args.net.init_args.hidden=[16]",
+    ]
     process = launch(tmp_path, tmp_path / "markers", *args)
     wait_for(tmp_path / "markers" / "step-3", process)
     process.send_signal(signal.SIGINT)
@@ -181,7 +239,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, mnist_root):
     assert f"saved {saved}; resume with: python -m project fit -c runs/mnist/version_0/config.yaml" in line
     step = torch.load(saved, weights_only=True)["global_step"]
     assert 3 <= step < 34 and all_finite(saved)
-    resumed = cli_main(["fit", "-c", "runs/mnist/version_0/config.yaml", f"--ckpt_path={saved}", "--trainer.callbacks=null"])
+    resumed = cli_main(
+        ["fit", "-c", "runs/mnist/version_0/config.yaml", f"--ckpt_path={saved}", "--trainer.callbacks=null"]
+    )
     assert resumed.trainer.global_step == 34, "resumed at the saved step, not restarted from scratch"
 
 
@@ -192,11 +252,20 @@ def test_sigkill_at_random_steps_and_resume_is_bit_identical(tmp_path, mnist_roo
     checkpoint at most 3 steps old (the kill may land before the save of the step it waited for), and the final
     weights equal those of an uninterrupted run."""
     epochs, every = 3, 3
-    train = [f"--config={CONFIGS / 'mnist.yaml'}", CSV, f"--data.init_args.data_dir={mnist_root}", *QUIET,
-             f"--trainer.max_epochs={epochs}", "--data.init_args.batch_size=32", "--data.init_args.augment=standard",
-             "--data.init_args.loader=tensor", "--model.init_args.net.init_args.hidden=[16]",
-             "--trainer.limit_val_batches=2", f"--last_checkpoint.every_n_train_steps={every}",
-             f"--last_checkpoint.dirpath={tmp_path / 'checkpoints'}"]  # fmt: skip
+    train = [
+        f"--config={CONFIGS / 'mnist.yaml'}",
+        CSV,
+        f"--data.init_args.data_dir={mnist_root}",
+        *QUIET,
+        f"--trainer.max_epochs={epochs}",
+        "--data.init_args.batch_size=32",
+        "--data.init_args.augment=standard",
+        "--data.init_args.loader=tensor",
+        "--model.init_args.net.init_args.hidden=[16]",
+        "--trainer.limit_val_batches=2",
+        f"--last_checkpoint.every_n_train_steps={every}",
+        f"--last_checkpoint.dirpath={tmp_path / 'checkpoints'}",
+    ]
     assert torch.get_num_threads() == 1  # as in the processes (OMP_NUM_THREADS=1): the same order of float additions
     reference = fit("mnist.yaml", mnist_root, *train[3:-1])  # its own checkpoint folder
     total = reference.trainer.global_step
@@ -210,7 +279,10 @@ def test_sigkill_at_random_steps_and_resume_is_bit_identical(tmp_path, mnist_roo
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL
     starts = [int(next((tmp_path / f"markers-{i}").glob("start-*")).read_text()) for i in range(3)]
-    assert starts[0] == 0 and all(k - every <= s <= k + 2 for s, k in zip(starts[1:], kills, strict=True)), (starts, kills)
+    assert starts[0] == 0 and all(k - every <= s <= k + 2 for s, k in zip(starts[1:], kills, strict=True)), (
+        starts,
+        kills,
+    )
     got = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert got["global_step"] == total
     expected = reference.model.state_dict()

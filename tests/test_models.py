@@ -35,7 +35,10 @@ def test_nets_map_images_to_logits(net, shape):
 
 
 def test_small_cnn_flatten_head_keeps_where_features_are_and_resnet_blocks_start_as_identity():
-    flat, pooled = SmallCNN(num_classes=2, width=4, stages=2, head="flatten").eval(), SmallCNN(2, width=4, stages=2).eval()
+    flat, pooled = (
+        SmallCNN(num_classes=2, width=4, stages=2, head="flatten").eval(),
+        SmallCNN(2, width=4, stages=2).eval(),
+    )
     assert flat.head[-1].in_features == 8 * 7 * 7 and pooled.head[-1].in_features == 8
     left, right = torch.zeros(1, 1, 28, 28), torch.zeros(1, 1, 28, 28)
     left[..., 12:16, 4:8], right[..., 12:16, 16:20] = 1.0, 1.0  # same alignment to the pools, off the borders
@@ -52,11 +55,15 @@ def test_classifier_normalizes_raw_images_itself():
     torch.testing.assert_close(model(images), net((images / 255 - 0.5) / 0.25))
     torch.testing.assert_close(model(images), model(images / 255))  # float input in [0, 1]
     out = model.predict_step((images, torch.zeros(1)), 0)
-    torch.testing.assert_close(out["probs"].sum(-1), torch.ones(1)) and torch.equal(out["preds"], out["probs"].argmax(-1))
+    torch.testing.assert_close(out["probs"].sum(-1), torch.ones(1)) and torch.equal(
+        out["preds"], out["probs"].argmax(-1)
+    )
 
 
 def test_parameter_groups_metrics_and_hyperparameters():
-    model = ImageClassifier(SmallCNN(num_classes=11), num_classes=11, class_names=list("abcdefghijk"), label_smoothing=0.1)
+    model = ImageClassifier(
+        SmallCNN(num_classes=11), num_classes=11, class_names=list("abcdefghijk"), label_smoothing=0.1
+    )
     decay, no_decay = model.parameter_groups()
     norms = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
     assert all(p.ndim > 1 for p in decay["params"]) and norms <= {id(p) for p in no_decay["params"]}
@@ -66,7 +73,9 @@ def test_parameter_groups_metrics_and_hyperparameters():
     assert model.hparams["class_names"] == list("abcdefghijk") and model.hparams["label_smoothing"] == 0.1
     weighted = ImageClassifier(MLP(num_classes=2, input_shape=(1, 2, 2)), num_classes=2, class_weights=[1.0, 3.0])
     logits, y = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 1])
-    torch.testing.assert_close(weighted.criterion(logits, y), nn.functional.cross_entropy(logits, y, weight=torch.tensor([1.0, 3.0])))
+    torch.testing.assert_close(
+        weighted.criterion(logits, y), nn.functional.cross_entropy(logits, y, weight=torch.tensor([1.0, 3.0]))
+    )
 
 
 def test_compile_keeps_state_dict_keys():
@@ -82,13 +91,17 @@ def test_compile_keeps_state_dict_keys():
 def test_pretrained_weights_from_a_local_file_and_offline_names(tmp_path, monkeypatch):
     source = models.mobilenet_v3_small(weights=None)  # stands in for downloaded weights (1000-class head)
     torch.save(source.state_dict(), tmp_path / "weights.pth")
-    net = TorchvisionBackbone(num_classes=3, arch="mobilenet_v3_small", pretrained_weights=str(tmp_path / "weights.pth"))
+    net = TorchvisionBackbone(
+        num_classes=3, arch="mobilenet_v3_small", pretrained_weights=str(tmp_path / "weights.pth")
+    )
     loaded = net.backbone.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items() if not k.startswith("classifier.3."))
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="does not fit mobilenet_v3_small"):
         TorchvisionBackbone(arch="mobilenet_v3_small", pretrained_weights=str(tmp_path / "other.pth"))
-    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError))
+    monkeypatch.setattr(
+        "torchvision.models._api.load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError)
+    )
     with pytest.raises(UserError, match=r"need a download from https://\S+resnet18\S+\.pth.*local path"):
         TorchvisionBackbone(arch="resnet18", pretrained_weights="IMAGENET1K_V1")
 
@@ -112,11 +125,22 @@ def test_finetune_config_freezes_the_whole_backbone_then_trains_it_slower(tmp_pa
     parameter groups."""
     root = write_image_folder(tmp_path / "imgs", {"red": 8, "stripes": 8})
     torch.save(models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "weights.pth")
-    cli = cli_main([f"--config={CONFIGS / 'folder.yaml'}", f"--config={CONFIGS / 'finetune/resnet18.yaml'}", *QUIET,
-                    f"--data.init_args.data_dir={root}", "--data.init_args.image_size=32", "--data.init_args.batch_size=8",
-                    "--data.init_args.test_split=0.0", "--model.init_args.net.init_args.arch=mobilenet_v3_small",
-                    f"--model.init_args.net.init_args.pretrained_weights={tmp_path / 'weights.pth'}",
-                    "--trainer.callbacks.init_args.unfreeze_backbone_at_epoch=1", "--trainer.max_epochs=3"], run=False)  # fmt: skip
+    cli = cli_main(
+        [
+            f"--config={CONFIGS / 'folder.yaml'}",
+            f"--config={CONFIGS / 'finetune/resnet18.yaml'}",
+            *QUIET,
+            f"--data.init_args.data_dir={root}",
+            "--data.init_args.image_size=32",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.test_split=0.0",
+            "--model.init_args.net.init_args.arch=mobilenet_v3_small",
+            f"--model.init_args.net.init_args.pretrained_weights={tmp_path / 'weights.pth'}",
+            "--trainer.callbacks.init_args.unfreeze_backbone_at_epoch=1",
+            "--trainer.max_epochs=3",
+        ],
+        run=False,
+    )
     probe = Trainable()
     cli.trainer.callbacks.append(probe)
     with warnings.catch_warnings(record=True) as caught:
@@ -124,6 +148,15 @@ def test_finetune_config_freezes_the_whole_backbone_then_trains_it_slower(tmp_pa
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert not [w for w in caught if "already exist" in str(w.message)]
     (frozen, lrs0), (trains, lrs1), (_, lrs2) = probe.epochs
-    norms = {f"{n}.{p}" for n, m in cli.model.backbone.named_modules() if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")}
+    norms = {
+        f"{n}.{p}"
+        for n, m in cli.model.backbone.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for p in ("weight", "bias")
+    }
     assert frozen == norms and trains == {n for n, _ in cli.model.backbone.named_parameters()}
-    assert len(lrs1) == len(lrs0) + 1 and lrs1[-1] == pytest.approx(lrs1[0] * 0.1) and lrs2[-1] == pytest.approx(2 * lrs1[-1])
+    assert (
+        len(lrs1) == len(lrs0) + 1
+        and lrs1[-1] == pytest.approx(lrs1[0] * 0.1)
+        and lrs2[-1] == pytest.approx(2 * lrs1[-1])
+    )

@@ -5,15 +5,14 @@ repository. nbformat is imported where used: with jupyterlab installed, importin
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 from jupyter_client import BlockingKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.utils import run_sync
 
-from project.cli import cli_main
 from extras.runs import read_wandb_run
+from project.cli import cli_main
 from tests.conftest import CONFIGS, QUIET, ROOT, read_metrics
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -59,7 +58,9 @@ def run_notebook(kernel, name: str, **env: str) -> tuple[str, int]:
         runner.execute()
     finally:
         runner.kc.stop_channels()
-    written = [p for p, t in repository_files().items() if before.get(p) != t and re.search(r"/(notebooks|data|runs)/", p)]
+    written = [
+        p for p, t in repository_files().items() if before.get(p) != t and re.search(r"/(notebooks|data|runs)/", p)
+    ]
     assert not written, f"{name} wrote into the repository: {written}"
     outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
     return "".join(o.get("text", "") for o in outputs), sum("image/png" in o.get("data", {}) for o in outputs)
@@ -69,16 +70,29 @@ def final_metrics(out: str) -> dict[str, dict[str, float | None]]:
     """The notebook's final-metrics table: {run: {metric: value or None}}."""
     lines = out[out.index("\nrun ") + 1 :].split("\n\n")[0].splitlines()
     header = lines[0].split()[1:]
-    return {n: {k: None if v == "-" else float(v) for k, v in zip(header, vs, strict=True)}
-            for n, *vs in (line.split() for line in lines[1:])}  # fmt: skip
+    return {
+        n: {k: None if v == "-" else float(v) for k, v in zip(header, vs, strict=True)}
+        for n, *vs in (line.split() for line in lines[1:])
+    }
 
 
 def test_compare_runs_reads_wandb_offline_runs(kernel, mnist_root, tmp_path):
     """Two runs with the default logger (W&B, offline), read back from disk: differing key, curves, final metrics."""
     for lr in ("0.01", "0.001"):
-        cli_main(["fit", f"--config={CONFIGS / 'mnist.yaml'}", f"--data.init_args.data_dir={mnist_root}", *QUIET,
-                  *TINY.split(), "--trainer.max_epochs=2", "--wandb_watch.log=null", "--wandb_media.every_n_epochs=0",
-                  "--model.init_args.net.init_args.hidden=[16]", f"--model.init_args.optimizer.init_args.lr={lr}"])  # fmt: skip
+        cli_main(
+            [
+                "fit",
+                f"--config={CONFIGS / 'mnist.yaml'}",
+                f"--data.init_args.data_dir={mnist_root}",
+                *QUIET,
+                *TINY.split(),
+                "--trainer.max_epochs=2",
+                "--wandb_watch.log=null",
+                "--wandb_media.every_n_epochs=0",
+                "--model.init_args.net.init_args.hidden=[16]",
+                f"--model.init_args.optimizer.init_args.lr={lr}",
+            ]
+        )
     runs = [read_wandb_run(tmp_path / "runs" / "mnist" / f"version_{i}") for i in (0, 1)]
     out, images = run_notebook(kernel, "compare_runs.ipynb", NB_RUNS=str(tmp_path / "runs" / "*" / "version_*"))
     assert "2 runs: mnist/version_0, mnist/version_1" in out and f"mnist/version_1: W&B {runs[1]['id']}" in out
@@ -96,18 +110,36 @@ def test_quickstart_on_mnist_and_your_images_then_compare_csv_runs(kernel, mnist
     (cache / "lightning-template" / "data").mkdir(parents=True)
     (cache / "lightning-template" / "data" / "MNIST").symlink_to(mnist_root / "MNIST")
     runs, accuracy = tmp_path / "runs", {}
-    for name, env in (("mnist", {"NB_DATA_MODULE": "project.data.MNISTDataModule", "XDG_CACHE_HOME": str(cache),
-                                 "NB_DATA_ARGS": json.dumps({"loader": "tensor"}), "NB_MAX_EPOCHS": "1"}),
-                      ("image_folder", {"NB_DATA_MODULE": "project.data.ImageFolderDataModule", "NB_MAX_EPOCHS": "2",
-                                        "NB_DATA_DIR": str(image_root), "NB_DATA_ARGS": json.dumps({"image_size": 16})})):  # fmt: skip
+    for name, env in (
+        (
+            "mnist",
+            {
+                "NB_DATA_MODULE": "project.data.MNISTDataModule",
+                "XDG_CACHE_HOME": str(cache),
+                "NB_DATA_ARGS": json.dumps({"loader": "tensor"}),
+                "NB_MAX_EPOCHS": "1",
+            },
+        ),
+        (
+            "image_folder",
+            {
+                "NB_DATA_MODULE": "project.data.ImageFolderDataModule",
+                "NB_MAX_EPOCHS": "2",
+                "NB_DATA_DIR": str(image_root),
+                "NB_DATA_ARGS": json.dumps({"image_size": 16}),
+            },
+        ),
+    ):
         out, images = run_notebook(kernel, "quickstart.ipynb", NB_RUNS_DIR=str(runs), NB_CLI_ARGS=TINY, **env)
         accuracy[name] = float(re.search(r"test accuracy: ([0-9.]+) \((\d+) images\)", out)[1])
         assert accuracy[name] == pytest.approx(read_metrics(runs / name / "version_0")["test/acc"][-1], abs=6e-5)
         assert images == 3 and ("(200 images)" if name == "mnist" else "(12 images)") in out
     out, images = run_notebook(kernel, "compare_runs.ipynb", NB_RUNS=str(runs / "*" / "version_*"))
     assert "2 runs: image_folder/version_0, mnist/version_0" in out and "mnist/version_0: CSV," in out
-    assert ("\n  data.class_path: 'project.data.ImageFolderDataModule' (image_folder/version_0), "
-            "'project.data.MNISTDataModule' (mnist/version_0)\n") in out  # fmt: skip
+    assert (
+        "\n  data.class_path: 'project.data.ImageFolderDataModule' (image_folder/version_0), "
+        "'project.data.MNISTDataModule' (mnist/version_0)\n"
+    ) in out
     table = final_metrics(out)
     assert {n: table[f"{n}/version_0"]["test/acc"] for n in accuracy} == pytest.approx(accuracy, abs=6e-5)
 

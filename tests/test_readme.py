@@ -1,5 +1,5 @@
-"""The README's promises, run as a user runs them: every `python -m project|extras...` command in README.md, in the order
-written, in one fresh folder holding small format-exact data where the README says data goes, the files the README
+"""The README's promises, run as a user runs them: every `python -m project|extras...` command in README.md, in the
+order written, in one fresh folder holding small format-exact data where the README says data goes, the files the README
 shows (`# my_nets.py`, `# tiny.yaml`, ...) written from its own code blocks. Each command runs through `runpy`
 exactly as `python -m` runs it, all in one separate process (a process each would cost 7 s of imports), with epoch
 and batch limits appended. The main job also runs as a process of its own: its console must be clean."""
@@ -19,8 +19,12 @@ import torch
 from tests.conftest import QUIET, ROOT, run_module
 
 README = ROOT / "README.md"
-LIMITS = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
-          "--trainer.limit_predict_batches=2"]  # fmt: skip
+LIMITS = [
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.limit_predict_batches=2",
+]
 
 
 def commands() -> list[str]:
@@ -79,13 +83,26 @@ def test_the_main_job_command_runs_with_a_clean_console(mnist_root, tmp_path):
     """What a new user sees: the progress bar, the metrics, the W&B line, and nothing that looks like a problem."""
     shutil.copytree(mnist_root, tmp_path / "data")
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    done = run_module("project", "fit", "--config", "configs/fashion_mnist.yaml", *LIMITS, "--trainer.max_epochs=1",
-                      cwd=tmp_path, WANDB_MODE=None, WANDB_API_KEY=None, HOME=str(tmp_path))  # fmt: skip
+    done = run_module(
+        "project",
+        "fit",
+        "--config",
+        "configs/fashion_mnist.yaml",
+        *LIMITS,
+        "--trainer.max_epochs=1",
+        cwd=tmp_path,
+        WANDB_MODE=None,
+        WANDB_API_KEY=None,
+        HOME=str(tmp_path),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     console = done.stdout + done.stderr
     assert "test/acc" in console and "W&B run saved offline" in console
-    noise = [line for line in console.splitlines()
-             if re.search(r"warn|deprecat|traceback|error|litlogger|FLOPs: 0\b|not recommended", line, re.I)]  # fmt: skip
+    noise = [
+        line
+        for line in console.splitlines()
+        if re.search(r"warn|deprecat|traceback|error|litlogger|FLOPs: 0\b|not recommended", line, re.I)
+    ]
     assert noise == [], noise
 
 

@@ -19,12 +19,18 @@ def debian_fashion_mnist() -> None:
 
 
 def test_fashion_mnist_one_epoch_reaches_85_percent(debian_fashion_mnist, tmp_path):
-    cli = cli_main([
-        "fit", f"--config={CONFIGS / 'fashion_mnist.yaml'}", f"--config={CONFIGS / 'logger' / 'csv.yaml'}",
-        f"--data.init_args.data_dir={tmp_path / 'data'}",
-        "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--test_after_fit=true",
-    ])  # fmt: skip
+    cli = cli_main(
+        [
+            "fit",
+            f"--config={CONFIGS / 'fashion_mnist.yaml'}",
+            f"--config={CONFIGS / 'logger' / 'csv.yaml'}",
+            f"--data.init_args.data_dir={tmp_path / 'data'}",
+            "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false",
+            "--test_after_fit=true",
+        ]
+    )
     metrics = cli.trainer.callback_metrics
-    sizes = {split: cli.trainer.datamodule.num_samples(split) for split in ("train", "val", "test")}
+    sizes = {split: len(cli.trainer.datamodule.splits[split]) for split in ("train", "val", "test")}
     assert sizes["test"] == 10_000 and sizes["train"] + sizes["val"] == 60_000, sizes
     assert float(metrics["test/acc"]) >= 0.85, f"test accuracy {float(metrics['test/acc']):.4f}"

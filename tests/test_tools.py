@@ -18,15 +18,25 @@ from PIL import Image
 from torch import nn
 from torchvision import datasets
 
-from project.errors import UserError
-from project.models import ImageClassifier
 from extras import compress, export
 from extras.distill import distillation_loss
 from extras.export import load_classifier, read_metadata
+from project.errors import UserError
+from project.models import ImageClassifier
 from tests.conftest import CONFIGS, CSV, ROOT, error_line, fails, fit, run_module
 
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]  # fmt: skip
+FMNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 DISTILL = f"--config={CONFIGS / 'compress' / 'distill.yaml'}"
 # The README's onnxruntime example; until the tools' README draft is merged it lives in /tmp/tools_readme.md.
 README_CANDIDATES = [ROOT / "README.md", Path("/tmp/tools_readme.md")]
@@ -43,9 +53,15 @@ def teacher(mnist_root, tmp_path_factory) -> tuple[Path, float]:
     with open(shared / "tools-teacher.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not result.is_file():
-            cli = fit("fashion_mnist.yaml", mnist_root, "--model.init_args.net.init_args.width=8",
-                      "--trainer.max_epochs=3", "--data.init_args.batch_size=32", "--test_after_fit=true",
-                      f"--trainer.default_root_dir={folder}")  # fmt: skip
+            cli = fit(
+                "fashion_mnist.yaml",
+                mnist_root,
+                "--model.init_args.net.init_args.width=8",
+                "--trainer.max_epochs=3",
+                "--data.init_args.batch_size=32",
+                "--test_after_fit=true",
+                f"--trainer.default_root_dir={folder}",
+            )
             best = cli.config_init.fit.checkpoint.best_model_path
             result.write_text(json.dumps([best, float(cli.trainer.callback_metrics["test/acc"])]))
     best, accuracy = json.loads(result.read_text())
@@ -140,8 +156,13 @@ def test_the_readme_onnxruntime_example_classifies_an_image_file(teacher, mnist_
     (tmp_path / "classify.py").write_text(code)
     for i in (0, 1):  # an RGB file of another size: the example converts and resizes as the metadata says
         Image.fromarray(images[i, 0]).convert("RGB").resize((40, 36)).save(tmp_path / f"{i}.png")
-        done = subprocess.run([sys.executable, "classify.py", str(model_file), f"{i}.png"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "classify.py", str(model_file), f"{i}.png"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         with Image.open(tmp_path / f"{i}.png") as image:
             pixels = np.asarray(image.convert("L").resize((28, 28), Image.Resampling.BILINEAR))
@@ -181,9 +202,17 @@ def test_a_student_learns_from_the_teacher_alone_and_its_checkpoint_stands_alone
     the student's checkpoint holds the student alone, and loads and exports after the teacher file is gone."""
     own = tmp_path / "teacher.ckpt"
     own.write_bytes(teacher[0].read_bytes())
-    cli = fit("fashion_mnist.yaml", mnist_root, DISTILL, f"--model.init_args.teacher_ckpt={own}",
-              "--model.init_args.alpha=1.0", "--trainer.max_epochs=3", "--data.init_args.batch_size=32",
-              "--test_after_fit=true", run=False)  # fmt: skip
+    cli = fit(
+        "fashion_mnist.yaml",
+        mnist_root,
+        DISTILL,
+        f"--model.init_args.teacher_ckpt={own}",
+        "--model.init_args.alpha=1.0",
+        "--trainer.max_epochs=3",
+        "--data.init_args.batch_size=32",
+        "--test_after_fit=true",
+        run=False,
+    )
     student = cli.model
     before = {k: v.clone() for k, v in student.teacher.state_dict().items()}
     assert not any(p.requires_grad for p in student.teacher.parameters()) and not student.teacher.training
@@ -220,9 +249,15 @@ def test_distillation_loss_is_zero_at_the_teacher_and_its_gradient_reaches_only_
 
 
 def test_pruning_reaches_the_configured_sparsity(mnist_root):
-    cli = fit("fashion_mnist.yaml", mnist_root, f"--config={CONFIGS / 'compress' / 'prune.yaml'}",
-              "--model.init_args.net.init_args.width=8", "--trainer.max_epochs=2", "--data.init_args.batch_size=32",
-              "--test_after_fit=true")  # fmt: skip
+    cli = fit(
+        "fashion_mnist.yaml",
+        mnist_root,
+        f"--config={CONFIGS / 'compress' / 'prune.yaml'}",
+        "--model.init_args.net.init_args.width=8",
+        "--trainer.max_epochs=2",
+        "--data.init_args.batch_size=32",
+        "--test_after_fit=true",
+    )
     state = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not [k for k in state if k.endswith(("_orig", "_mask"))], "pruning is made permanent in checkpoints"
     prunable = [f"{n}.weight" for n, m in cli.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -257,7 +292,7 @@ BAD = {  # name -> (what the file holds, what the error line says)
             "hyper_parameters": {"net": {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}},
         },
         "cannot build its net os.system",
-    ),  # fmt: skip
+    ),
     "missing": (..., "not found"),
 }
 
@@ -277,9 +312,19 @@ def test_a_bad_checkpoint_is_one_line_in_every_tool(kind, tool, tmp_path, capsys
     bad = write_bad(kind, tmp_path)
     before = sorted(tmp_path.rglob("*"))
     if tool == "teacher":
-        line = fails(["fit", f"--config={CONFIGS / 'fashion_mnist.yaml'}", DISTILL, CSV,
-                      f"--data.init_args.data_dir={mnist_root}", f"--model.init_args.teacher_ckpt={bad}",
-                      "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"], capsys)  # fmt: skip
+        line = fails(
+            [
+                "fit",
+                f"--config={CONFIGS / 'fashion_mnist.yaml'}",
+                DISTILL,
+                CSV,
+                f"--data.init_args.data_dir={mnist_root}",
+                f"--model.init_args.teacher_ckpt={bad}",
+                "--trainer.max_epochs=1",
+                "--trainer.enable_progress_bar=false",
+            ],
+            capsys,
+        )
     else:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:

@@ -13,9 +13,9 @@ import torch
 import wandb
 import yaml
 
+from extras.runs import read_wandb_run
 from project.cli import cli_main
 from project.loggers import has_credentials, resolve_mode
-from extras.runs import read_wandb_run
 from tests.conftest import CONFIGS, QUIET, ROOT, fails, run_module
 
 FAKE_KEY = "local-" + "f4ke" * 10  # planted: must appear in no file written
@@ -35,9 +35,18 @@ def fit_args(root: Path, *extra: str) -> list[str]:
 def test_fit_then_test_offline_run_read_back(mnist_root, tmp_path, monkeypatch):
     """2 epochs + `test` from the checkpoint, logged offline; everything promised is read back from disk."""
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
-    cli = cli_main(fit_args(mnist_root, "--trainer.max_epochs=2", "--wandb_watch.log=all", "--wandb_watch.log_freq=2",
-                            "--wandb_media.num_samples=8", "--trainer.logger.init_args.log_model=true",
-                            "--trainer.logger.init_args.tags=[smoke,cpu]", "--test_after_fit=false"))  # fmt: skip
+    cli = cli_main(
+        fit_args(
+            mnist_root,
+            "--trainer.max_epochs=2",
+            "--wandb_watch.log=all",
+            "--wandb_watch.log_freq=2",
+            "--wandb_media.num_samples=8",
+            "--trainer.logger.init_args.log_model=true",
+            "--trainer.logger.init_args.tags=[smoke,cpu]",
+            "--test_after_fit=false",
+        )
+    )
     run_dir = Path(cli.trainer.log_dir)
     run = read_wandb_run(run_dir)
     assert run_dir == Path("runs/fashion_mnist/version_0") and run["name"] == "fashion_mnist"
@@ -64,7 +73,9 @@ def test_fit_then_test_offline_run_read_back(mnist_root, tmp_path, monkeypatch):
     assert models["best"]["metadata"]["original_filename"] == Path(cli.config_init.fit.checkpoint.best_model_path).name
     assert models["last"]["metadata"]["original_filename"] == "last.ckpt"
     assert all(a["files"] == {"model.ckpt", "config.yaml"} for a in models.values())
-    tested = cli_main(["test", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={run_dir / 'checkpoints/last.ckpt'}"])
+    tested = cli_main(
+        ["test", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={run_dir / 'checkpoints/last.ckpt'}"]
+    )
     test_run = read_wandb_run(Path(tested.trainer.log_dir))
     assert test_run["id"] != run["id"] and "test/confusion_matrix_table" in test_run["summary"]
     assert test_run["summary"]["test/acc"] == pytest.approx(float(tested.trainer.callback_metrics["test/acc"]))
@@ -86,8 +97,15 @@ def test_a_resumed_fit_continues_the_same_run(mnist_root):
 def test_watched_runs_in_one_process_log_gradients_under_the_same_names(mnist_root):
     """wandb numbers watched models per process: without idx=0 the second run logged "gradients/graph_1net..."."""
     for _ in range(2):
-        cli = cli_main(fit_args(mnist_root, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-                                "--trainer.limit_val_batches=1", "--wandb_watch.log_freq=1"))  # fmt: skip
+        cli = cli_main(
+            fit_args(
+                mnist_root,
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=3",
+                "--trainer.limit_val_batches=1",
+                "--wandb_watch.log_freq=1",
+            )
+        )
         keys = {k for row in read_wandb_run(Path(cli.trainer.log_dir))["history"] for k in row if k.startswith("grad")}
         assert "gradients/net.head.1.weight" in keys and all(k.startswith("gradients/net.") for k in keys), keys
 
@@ -103,9 +121,18 @@ def sync_line(done: subprocess.CompletedProcess) -> str:
 
 
 def test_no_credentials_no_tty_goes_offline_and_says_how_to_sync(mnist_root, tmp_path):
-    done = run_module("project", *fit_args(mnist_root, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-                                           "--trainer.limit_val_batches=1", "--test_after_fit=true"),
-                      cwd=tmp_path, **no_wandb_environment(tmp_path))  # fmt: skip
+    done = run_module(
+        "project",
+        *fit_args(
+            mnist_root,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--test_after_fit=true",
+        ),
+        cwd=tmp_path,
+        **no_wandb_environment(tmp_path),
+    )
     run = read_wandb_run(tmp_path / "runs" / "fashion_mnist" / "version_0")
     assert sync_line(done).endswith(f"(no W&B credentials found); upload it with: wandb sync {run['dir'].resolve()}")
     assert "test/acc" in run["summary"], "test_after_fit logs into the same run"
@@ -120,9 +147,19 @@ def test_a_server_that_never_answers_costs_seconds_not_minutes(mnist_root, tmp_p
     threading.Thread(target=lambda: connections.extend(server.accept() for _ in range(100)), daemon=True).start()
     url = f"http://127.0.0.1:{server.getsockname()[1]}"
     env = {**no_wandb_environment(tmp_path), "WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": url}
-    done = run_module("project", *fit_args(mnist_root, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-                                           "--trainer.limit_val_batches=1", "--trainer.logger.init_args.timeout=2"),
-                      cwd=tmp_path, timeout=100, **env)  # fmt: skip
+    done = run_module(
+        "project",
+        *fit_args(
+            mnist_root,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger.init_args.timeout=2",
+        ),
+        cwd=tmp_path,
+        timeout=100,
+        **env,
+    )
     line = sync_line(done)
     assert f"({url} did not answer: timed out)" in line and "credentials found" not in line
     assert len(connections) >= 1 and read_wandb_run(tmp_path / "runs" / "fashion_mnist" / "version_0")["id"]
@@ -143,8 +180,15 @@ def test_mode_follows_the_logger_then_the_environment_then_credentials(tmp_path,
 
 def test_disabled_mode_trains_and_writes_no_wandb_files(mnist_root, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cli = cli_main(fit_args(mnist_root, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-                            "--trainer.limit_val_batches=1", "--test_after_fit=true"))  # fmt: skip
+    cli = cli_main(
+        fit_args(
+            mnist_root,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--test_after_fit=true",
+        )
+    )
     run_dir = Path(cli.trainer.log_dir)
     assert "test/acc" in cli.trainer.callback_metrics and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert not list(run_dir.glob("wandb/*run-*"))
@@ -152,7 +196,10 @@ def test_disabled_mode_trains_and_writes_no_wandb_files(mnist_root, monkeypatch)
 
 def sweep_args(sweep: dict[str, Any], pick: int) -> list[str]:
     """What ``wandb agent`` puts in for ``${args}``: ``--key=value``, here with the lowest or highest value."""
-    return [f"--{k}={s['values'][-pick] if 'values' in s else s['max' if pick else 'min']}" for k, s in sweep["parameters"].items()]
+    return [
+        f"--{k}={s['values'][-pick] if 'values' in s else s['max' if pick else 'min']}"
+        for k, s in sweep["parameters"].items()
+    ]
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
@@ -171,6 +218,13 @@ def test_sweep_parameters_are_cli_keys_and_a_trial_runs(path, capsys, mnist_root
                 value = value[part]
             assert str(value) == arg.split("=", 1)[1] or value == pytest.approx(float(arg.split("=", 1)[1])), key
     if path.stem == "fashion_mnist":
-        cli = cli_main([*command[2:], f"--data.init_args.data_dir={mnist_root}", *SMALL, *sweep_args(sweep, 1),
-                        "--trainer.fast_dev_run=2"])  # fmt: skip
+        cli = cli_main(
+            [
+                *command[2:],
+                f"--data.init_args.data_dir={mnist_root}",
+                *SMALL,
+                *sweep_args(sweep, 1),
+                "--trainer.fast_dev_run=2",
+            ]
+        )
         assert torch.isfinite(cli.trainer.callback_metrics["test/loss"])
