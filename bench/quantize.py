@@ -70,8 +70,17 @@ def main() -> None:
         else:
             ckpt, lightning_acc = train_main_job(folder, args.threads)
         out = folder / "int8"
-        cmd = [PYTHON, "-m", "extras.compress", "--ckpt_path", str(ckpt), "--output_dir", str(out),
-               "--data_dir", str(DATA)]  # fmt: skip
+        cmd = [
+            PYTHON,
+            "-m",
+            "extras.compress",
+            "--ckpt_path",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            "--data_dir",
+            str(DATA),
+        ]
         printed = timed(cmd, cwd=folder)["output"]
         report = json.loads((out / "quantization.json").read_text())
     finally:

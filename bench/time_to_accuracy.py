@@ -102,9 +102,13 @@ def until_target(command: str, cwd: Path, target: float) -> dict:
     with tempfile.TemporaryFile() as out:
         env["BENCH_LAUNCH"] = repr(time.time())
         proc = subprocess.Popen(
-            [PYTHON, *shlex.split(command)[1:]], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+            [PYTHON, *shlex.split(command)[1:]],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         try:
             while proc.poll() is None and not any(e["test_acc"] >= target for e in read_log(log)):
                 time.sleep(0.5)

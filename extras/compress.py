@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
-from project.errors import UserError, require
 from extras import command_line
 from extras.export import INPUT, image_shape, load_classifier, write_checked
+from project.errors import UserError, require
 
 
 def load_data(run_config: Path, data_dir: str | None, eval_batch_size: int | None) -> Any:

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from extras import command_line
 from project.checkpoint_io import load_checkpoint
 from project.errors import UserError, require
 from project.models.classifier import ImageClassifier
-from extras import command_line
 
 Format = Literal["onnx", "torchscript"]
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}

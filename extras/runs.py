@@ -65,7 +65,13 @@ def read_wandb_run(path: Path, wait: float = 20.0) -> dict[str, Any]:
             run["history"].append(row)
         elif kind == "artifact":
             a = record.artifact
-            run["artifacts"].append({"type": a.type, "name": a.name, "aliases": set(a.aliases),
-                                     "metadata": json.loads(a.metadata or "{}"),
-                                     "files": {c.path for c in a.manifest.contents}})  # fmt: skip
+            run["artifacts"].append(
+                {
+                    "type": a.type,
+                    "name": a.name,
+                    "aliases": set(a.aliases),
+                    "metadata": json.loads(a.metadata or "{}"),
+                    "files": {c.path for c in a.manifest.contents},
+                }
+            )
     return run

@@ -61,9 +61,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
                     f"refused to load {path}: it contains Python objects, not just weights, and loading it could run "
                     f"code; only load checkpoints you trust, re-saved as plain data"
                 ) from err
-            raise UserError(f"{path} is not a readable checkpoint (damaged or not a checkpoint); pass a .ckpt from fit") from err
+            raise UserError(
+                f"{path} is not a readable checkpoint (damaged or not a checkpoint); pass a .ckpt from fit"
+            ) from err
         except Exception as err:  # torch's readers raise many types on files that are not checkpoints
-            raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}); pass a .ckpt from fit") from err
+            raise UserError(
+                f"{path} is not a readable checkpoint ({type(err).__name__}); pass a .ckpt from fit"
+            ) from err
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:

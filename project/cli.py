@@ -57,12 +57,18 @@ class CLI(LightningCLI):
         # last.ckpt after every epoch, as the checkpoint with the highest step: Lightning refreshes a monitored
         # ModelCheckpoint's save_last only on a new best
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.auto_insert_metric_name": False,
-            "checkpoint.filename": "epoch={epoch:03d}-val_acc={val/acc:.4f}",
-            "last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False,
-            "last_checkpoint.monitor": "step", "last_checkpoint.mode": "max",
-        })  # fmt: skip
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.filename": "epoch={epoch:03d}-val_acc={val/acc:.4f}",
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
+                "last_checkpoint.monitor": "step",
+                "last_checkpoint.mode": "max",
+            }
+        )
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")  # predict: predictions.csv
         parser.add_class_arguments(LearningRateMonitor, "lr_monitor")  # added to the trainer when it has a logger
         parser.add_lightning_class_args(WandbWatch, "wandb_watch")  # these two do nothing without W&B
@@ -76,7 +82,9 @@ class CLI(LightningCLI):
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":  # a new process writes into a new folder: find the last.ckpt of the run given
-            ckpt_path = config.ckpt_path = last_checkpoint_of_run(config.get("config") or [], config.last_checkpoint.dirpath)
+            ckpt_path = config.ckpt_path = last_checkpoint_of_run(
+                config.get("config") or [], config.last_checkpoint.dirpath
+            )
         if ckpt_path is None and self.config.get("subcommand") == "fit" and SLURMEnvironment.detect():
             # requeued by SLURM: Lightning resumes from the newest hpc_ckpt_<N>.ckpt in default_root_dir
             saved = Path(config.trainer.default_root_dir or ".").glob("hpc_ckpt_*.ckpt")
@@ -85,7 +93,9 @@ class CLI(LightningCLI):
         if ckpt_path and str(ckpt_path) not in ("best", "hpc", "registry") and "://" not in str(ckpt_path):
             # Lightning reads the model's config from this file next: make sure it is one of ours
             near = [str(p) for p in Path(ckpt_path).parent.glob("*.ckpt")]
-            require(Path(ckpt_path).is_file(), f"--ckpt_path {ckpt_path}: no such file{did_you_mean(str(ckpt_path), near)}")
+            require(
+                Path(ckpt_path).is_file(), f"--ckpt_path {ckpt_path}: no such file{did_you_mean(str(ckpt_path), near)}"
+            )
             checkpoint = load_checkpoint(ckpt_path, mmap=True)
             hparams = checkpoint.get("hyper_parameters", {})
             require(
@@ -115,10 +125,12 @@ class CLI(LightningCLI):
                     not (version.is_dir() and any(version.iterdir())),
                     f"{version} holds an earlier run and is never overwritten; leave the logger's version unset",
                 )
-        for flag, path in [("--trainer.default_root_dir", config.trainer.default_root_dir),
-                           ("--checkpoint.dirpath", config.checkpoint.dirpath),
-                           ("--last_checkpoint.dirpath", config.last_checkpoint.dirpath),
-                           ("--prediction_writer.output_dir", config.prediction_writer.output_dir)]:  # fmt: skip
+        for flag, path in [
+            ("--trainer.default_root_dir", config.trainer.default_root_dir),
+            ("--checkpoint.dirpath", config.checkpoint.dirpath),
+            ("--last_checkpoint.dirpath", config.last_checkpoint.dirpath),
+            ("--prediction_writer.output_dir", config.prediction_writer.output_dir),
+        ]:
             require(not path or writable(Path(path)), f"cannot write to {path}: set {flag} to a writable folder")
         # Lightning's hparams dump drops a net's init_args when all of them are linked (num_classes, input_shape),
         # then fails to fill the links in ("Expected key net.init_args.num_classes to be in data"): keep it a dict.
@@ -181,12 +193,16 @@ def last_checkpoint_of_run(config_files: Sequence[Any], dirpath: str | None = No
     """``last.ckpt`` in ``--last_checkpoint.dirpath`` when given, else next to the run's saved ``config.yaml`` among
     ``config_files`` (the last wins): ``python -m project fit -c runs/mnist/version_0/config.yaml --ckpt_path last``."""
     paths = [Path(str(f)) for f in config_files]
-    for candidate in [Path(dirpath or "-") / "last.ckpt", *(f.parent / "checkpoints" / "last.ckpt" for f in reversed(paths))]:
+    for candidate in [
+        Path(dirpath or "-") / "last.ckpt",
+        *(f.parent / "checkpoints" / "last.ckpt" for f in reversed(paths)),
+    ]:
         if candidate.is_file():
             return str(candidate)
     raise UserError(
-        f"--ckpt_path last: no checkpoints/last.ckpt next to the given configs ({', '.join(map(str, paths)) or 'none'});"
-        " pass the run's own config, e.g. -c runs/mnist/version_0/config.yaml, or a checkpoint file path"
+        f"--ckpt_path last: no checkpoints/last.ckpt next to the given configs"
+        f" ({', '.join(map(str, paths)) or 'none'}); pass the run's own config, e.g."
+        " -c runs/mnist/version_0/config.yaml, or a checkpoint file path"
     )
 
 

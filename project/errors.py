@@ -35,11 +35,16 @@ def parse_error(message: str, options: list[str]) -> str:
     if lines[0].startswith("Problems parsing config"):  # yaml's own message: the position of the problem last
         where = re.findall(r"line \d+, column \d+", message)[-1]
         return f"YAML syntax error ({where}): {[x for x in lines if not x.startswith('in ')][-1]}; fix the file"
-    unknown = re.search(r"unrecognized arguments: (?:\w+ )*(--[\w.]+)|(?:Group '([\w.]+)' )?does not accept option '([\w.]+)'", message)
+    unknown = re.search(
+        r"unrecognized arguments: (?:\w+ )*(--[\w.]+)|(?:Group '([\w.]+)' )?does not accept option '([\w.]+)'", message
+    )
     if unknown:
         option = unknown[1] or "--" + ".".join(filter(None, unknown.groups()[1:]))
         return f"unknown option {option}{did_you_mean(option, options)}; --help lists them"
-    noise = r"Parser key|Does not validate|Subtypes|Errors|Given value|Expected a <class 'NoneType'>|Expected a path|Problem|Type "
+    noise = (
+        r"Parser key|Does not validate|Subtypes|Errors|Given value|Expected a <class 'NoneType'>|Expected a path|"
+        r"Problem|Type "
+    )
     reason = next((line for line in lines if not re.match(noise, line)), lines[0])
     if m := re.match(r"Option '(\w+)' is not accepted", reason):
         cls = re.findall(r"class_path '([\w.]+)'", message)[-1].rsplit(".")[-1]
@@ -75,11 +80,15 @@ def one_line(err: BaseException) -> str | None:
     if not isinstance(err, RuntimeError):
         return None
     if m := re.search(r"size mismatch for ([\w.]+): copying a param with shape (\S+).*?model is (\S+)\.", text, re.S):
-        return (f"the checkpoint does not fit this model ({m[1]}: {m[2]} saved, {m[3]} here): it was trained with "
-                f"another net or num_classes; use the config.yaml saved next to it, -c runs/<name>/version_<N>/config.yaml")  # fmt: skip
+        return (
+            f"the checkpoint does not fit this model ({m[1]}: {m[2]} saved, {m[3]} here): it was trained with "
+            f"another net or num_classes; use the config.yaml saved next to it, -c runs/<name>/version_<N>/config.yaml"
+        )
     if re.search(r"Connection (reset|closed) by peer|Watchdog caught collective|NCCL.*[Tt]imeout", text):
-        return ("a DDP worker stopped answering (it died or hung), so the job stops instead of waiting; look above for "
-                "that worker's own error (out of memory, killed), fix it, then resume with --ckpt_path last")  # fmt: skip
+        return (
+            "a DDP worker stopped answering (it died or hung), so the job stops instead of waiting; look above for "
+            "that worker's own error (out of memory, killed), fix it, then resume with --ckpt_path last"
+        )
     return None
 
 

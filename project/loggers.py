@@ -128,8 +128,16 @@ class WandbLogger(LightningWandbLogger):
         log_model: bool | Literal["all"] = False,
         checkpoint_name: str | None = None,
     ) -> None:
-        super().__init__(name=name, save_dir=save_dir, project=project, entity=entity, group=group, tags=tags,
-                         notes=notes, job_type=job_type)  # fmt: skip
+        super().__init__(
+            name=name,
+            save_dir=save_dir,
+            project=project,
+            entity=entity,
+            group=group,
+            tags=tags,
+            notes=notes,
+            job_type=job_type,
+        )
         self.root, self.run_dir = Path(save_dir) / (name or ""), None
         given = mode or os.environ.get("WANDB_MODE")
         if given not in (None, "", "online", "offline", "disabled", "dryrun", "run"):
@@ -242,8 +250,12 @@ class WandbLogger(LightningWandbLogger):
             path = Path(callback.best_model_path)
             if not path.is_file() or self.logged.get(path) == path.stat().st_mtime:
                 continue
-            metadata = {"score": float(callback.best_model_score or 0), "original_filename": path.name,
-                        "monitor": callback.monitor, "mode": callback.mode}  # fmt: skip
+            metadata = {
+                "score": float(callback.best_model_score or 0),
+                "original_filename": path.name,
+                "monitor": callback.monitor,
+                "mode": callback.mode,
+            }
             artifact = wandb.Artifact(self.artifact_name or f"model-{self.experiment.id}", "model", metadata=metadata)
             artifact.add_file(str(path), name="model.ckpt")
             if (Path(self.save_dir) / "config.yaml").is_file():
@@ -266,4 +278,3 @@ class SaveConfigCallback(LightningSaveConfigCallback):
         for logger in (lg for lg in trainer.loggers if isinstance(lg, WandbLogger)):
             if trainer.is_global_zero and logger.run_id:  # not .experiment: that would start a finished run again
                 checkpoint["wandb_run_id"] = logger.run_id
-

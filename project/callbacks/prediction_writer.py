@@ -75,9 +75,15 @@ class PredictionWriter(BasePredictionWriter):
         self.rows = []
 
     def write_on_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Sequence[int] | None,
-        batch: Any, batch_idx: int, dataloader_idx: int,
-    ) -> None:  # fmt: skip
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         probs = prediction["probs"] if isinstance(prediction, dict) else prediction.float().softmax(dim=-1)
         probs = probs.detach().float().cpu()
         if not batch_indices:  # a loader whose sampler Lightning cannot track (Lightning passes [] or None)
@@ -90,11 +96,16 @@ class PredictionWriter(BasePredictionWriter):
         names = list(pl_module.class_names)
         top_p, top_i = probs.topk(min(self.top_k, probs.shape[1]), dim=-1)
         for index, target, p, i in zip(batch_indices, targets, top_p.tolist(), top_i.tolist(), strict=True):
-            self.rows.append({
-                "index": int(index), "id": input_id(dataset, int(index)),
-                "target": names[target] if target >= 0 else None, "pred": names[i[0]], "prob": round(p[0], 6),
-                "top_k": [[names[c], round(q, 6)] for c, q in zip(i, p, strict=True)],
-            })  # fmt: skip
+            self.rows.append(
+                {
+                    "index": int(index),
+                    "id": input_id(dataset, int(index)),
+                    "target": names[target] if target >= 0 else None,
+                    "pred": names[i[0]],
+                    "prob": round(p[0], 6),
+                    "top_k": [[names[c], round(q, 6)] for c, q in zip(i, p, strict=True)],
+                }
+            )
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         per_rank: list[Any] = [self.rows]
@@ -115,12 +126,17 @@ class PredictionWriter(BasePredictionWriter):
             header = ["index", "id", "target", "pred", "prob"]
             header += [f"top{j}_{what}" for j in range(1, k + 1) for what in ("class", "prob")]
             text = io.StringIO()
-            csv.writer(text).writerows([header] + [[r["index"], r["id"], r["target"] or "", r["pred"], r["prob"]]
-                                                   + [v for pair in r["top_k"] for v in pair] for r in rows])  # fmt: skip
+            csv.writer(text).writerows(
+                [header]
+                + [
+                    [r["index"], r["id"], r["target"] or "", r["pred"], r["prob"]]
+                    + [v for pair in r["top_k"] for v in pair]
+                    for r in rows
+                ]
+            )
             write_atomically(folder / "predictions.csv", text.getvalue())
             written.append(folder / "predictions.csv")
         if "jsonl" in self.formats:
             write_atomically(folder / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
             written.append(folder / "predictions.jsonl")
         return written
-

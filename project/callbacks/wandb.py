@@ -80,8 +80,14 @@ class WandbPredictionMedia(Callback):
         self.samples = {True: [], False: []}
 
     def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:  # fmt: skip
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not self.active(trainer) or not isinstance(outputs, dict) or "preds" not in outputs:
             return
         preds, target = outputs["preds"], outputs["target"]

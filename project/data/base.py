@@ -225,7 +225,8 @@ class ImageDataModule(LightningDataModule):
 
     @property
     def predict_name(self) -> str:
-        """``predict`` when the data set has its own unlabelled images (ImageFolder's predict_dir), else predict_split."""
+        """``predict`` when the data set has its own unlabelled images (ImageFolder's predict_dir), else
+        predict_split."""
         return "predict" if "predict" in self.splits else self.predict_split
 
     def predict_dataloader(self) -> DataLoader:
@@ -239,6 +240,11 @@ class ImageDataModule(LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # (images, labels) of a training step; not the model summary's example input, a bare tensor
-        if isinstance(batch, (list, tuple)) and self.trainer is not None and self.trainer.training and self.augment != "none":
+        if (
+            isinstance(batch, (list, tuple))
+            and self.trainer is not None
+            and self.trainer.training
+            and self.augment != "none"
+        ):
             return (self.augment_batch(batch[0]), *batch[1:])
         return batch

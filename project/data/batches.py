@@ -52,7 +52,10 @@ class BatchAugment:
         if self.degrees or self.translate or self.scale != (1.0, 1.0):
             angle = uniform(-self.degrees, self.degrees) * (math.pi / 180)
             zoom = uniform(*self.scale)
-            shift_x, shift_y = uniform(-self.translate, self.translate) * 2, uniform(-self.translate, self.translate) * 2
+            shift_x, shift_y = (
+                uniform(-self.translate, self.translate) * 2,
+                uniform(-self.translate, self.translate) * 2,
+            )
             # affine_grid maps output to input coordinates in [-1, 1]: the inverse of the forward transform
             cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
             theta = torch.stack(
@@ -170,4 +173,3 @@ class TensorLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._resume = True
-

@@ -108,7 +108,9 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _scan(self) -> dict[str, list[Sample]]:
         root = self.data_dir
-        require(root.is_dir(), f"image folder {root} not found; set --data.data_dir to a folder with a folder per class")
+        require(
+            root.is_dir(), f"image folder {root} not found; set --data.data_dir to a folder with a folder per class"
+        )
         base = root / "train" if (root / "train").is_dir() else root
         try:
             self.class_names, class_to_idx = find_classes(base)
@@ -176,7 +178,9 @@ class ImageFolderDataModule(ImageDataModule):
     def make_datasets(self) -> dict[str, Dataset]:
         splits = {name: self._dataset(samples) for name, samples in self.samples.items()}
         if self.predict_dir:
-            files = sorted(str(p) for p in self.predict_dir.rglob("*") if has_file_allowed_extension(str(p), IMG_EXTENSIONS))
+            files = sorted(
+                str(p) for p in self.predict_dir.rglob("*") if has_file_allowed_extension(str(p), IMG_EXTENSIONS)
+            )
             require(bool(files), f"no images found in --data.predict_dir {self.predict_dir}")
             bad = {p: why for p in files if (why := unreadable(p)) is not None}
             splits["predict"] = self._dataset(self._usable([(p, -1) for p in files], bad))

@@ -23,8 +23,10 @@ class _TorchvisionDataModule(ImageDataModule):
 
     def make_datasets(self) -> dict[str, Dataset]:
         make = self.dataset_class
-        return {split: make(str(self.data_dir), train=split == "train", transform=v2.PILToTensor())
-                for split in ("train", "test")}  # fmt: skip
+        return {
+            split: make(str(self.data_dir), train=split == "train", transform=v2.PILToTensor())
+            for split in ("train", "test")
+        }
 
     def download(self, root: Path) -> None:
         self.dataset_class(str(root), train=True, download=True)
@@ -90,14 +92,24 @@ class FashionMNISTDataModule(_MNISTFamily):
 
     dataset_class = datasets.FashionMNIST
     auto_gz_dirs = ("/usr/share/datasets/fashion-mnist",)
-    class_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")  # fmt: skip
+    class_names = (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    )
     mean = (0.2860,)
     std = (0.3530,)
 
 
 class _CIFAR(_TorchvisionDataModule):
-    """32x32 RGB images from the python pickle batches under ``data_dir/cifar-10-batches-py`` or ``cifar-100-python``."""
+    """32x32 RGB images from the python pickles under ``data_dir/cifar-10-batches-py`` or ``cifar-100-python``."""
 
     image_shape = (3, 32, 32)
     standard_augment = BatchAugment(crop_padding=4, flip=True)
@@ -130,7 +142,8 @@ class CIFAR10DataModule(_CIFAR):
 
 class CIFAR100DataModule(_CIFAR):
     dataset_class = datasets.CIFAR100
-    class_names = tuple("""
+    class_names = tuple(
+        """
         apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can
         castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
         elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster
@@ -138,6 +151,7 @@ class CIFAR100DataModule(_CIFAR):
         pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
         skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger
         tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm
-    """.split())
+    """.split()
+    )
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)

@@ -178,8 +178,10 @@ class ImageClassifier(LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weight decay only on weights with ndim > 1 (convs, linears), not on biases and norm scales."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.ndim > 1]}, {"params": [p for p in params if p.ndim <= 1],
-                                                                "weight_decay": 0.0}]  # fmt: skip
+        return [
+            {"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameter_groups())
@@ -193,5 +195,7 @@ class ImageClassifier(LightningModule):
         if "total_steps" in given and given["total_steps"] is None and given.get("epochs") is None:
             fill["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler(optimizer, **fill)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval,
-                                                         "monitor": "val/loss"}}  # fmt: skip
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": "val/loss"},
+        }
