@@ -25,7 +25,7 @@ from project.callbacks.wandb import WandbPredictionMedia, WandbWatch
 from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.data.base import ImageDataModule
 from project.errors import OneLineErrors, UserError, did_you_mean, exit_on_user_error, require
-from project.loggers import SaveConfigCallback, WandbLogger
+from project.loggers import SaveConfigCallback, WandbLogger, next_run_dir
 from project.models.classifier import ImageClassifier
 
 LINKS = [  # the data decides these; they are never typed twice
@@ -151,8 +151,11 @@ class CLI(LightningCLI):
             plugins = [*plugins, SLURMEnvironment(auto_requeue=False)]  # GracefulInterrupt requeues between steps
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if trainer.get("logger") is not False:  # Lightning's LearningRateMonitor fails without a logger
+        if trainer.get("logger") not in (False, []):  # Lightning's LearningRateMonitor fails without a logger
             callbacks = [*callbacks, config["lr_monitor"]]
+        elif not trainer.get("fast_dev_run"):  # no logger, no version folder: still a folder of its own
+            root = Path(trainer.get("default_root_dir") or ".") / run_name(type(config["data"]).__name__)
+            kwargs["default_root_dir"] = str(next_run_dir(root, create=False))
         return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
 
     def after_fit(self) -> None:

@@ -61,13 +61,15 @@ def test_data_is_linked_into_the_model_and_the_net(cifar_root):
 
 
 NET = """
+from math import prod
+
 from torch import nn
 
 
 class Net(nn.Module):
     def __init__(self, num_classes: int, input_shape):
         super().__init__()
-        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
 
     def forward(self, x):
         return self.layers(x)
@@ -200,7 +202,12 @@ def test_no_logger_trains_and_checkpoints(mnist_root):
         ]
     )
     assert not cli.trainer.loggers and cli.trainer.state.finished and "test/acc" in cli.trainer.callback_metrics
-    assert sorted(p.name for p in Path("runs/checkpoints").iterdir())[-1] == "last.ckpt"
+    run = Path("runs/mnist/version_0")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "last.ckpt"
+    config = run / "config.yaml"
+    tested = cli_main(["test", f"--config={config}", "--ckpt_path=last", *QUIET])  # its own folder again
+    assert sorted(p.name for p in Path("runs/mnist").iterdir()) == ["version_0", "version_1"]
+    assert (Path(tested.trainer.log_dir) / "config.yaml").is_file() and "test/acc" in tested.trainer.callback_metrics
 
 
 def test_learning_rate_is_logged_once_and_configurable(mnist_root):

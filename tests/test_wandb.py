@@ -107,7 +107,8 @@ def test_watched_runs_in_one_process_log_gradients_under_the_same_names(mnist_ro
             )
         )
         keys = {k for row in read_wandb_run(Path(cli.trainer.log_dir))["history"] for k in row if k.startswith("grad")}
-        assert "gradients/net.head.1.weight" in keys and all(k.startswith("gradients/net.") for k in keys), keys
+        assert all(k.startswith("gradients/net.") for k in keys), keys
+        assert any(k.startswith("gradients/net.head.") for k in keys), keys
 
 
 def no_wandb_environment(home: Path) -> dict[str, str | None]:
