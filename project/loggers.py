@@ -171,7 +171,7 @@ class WandbLogger(LightningWandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
-        if self._experiment is None:
+        if self._experiment is None:  # private: Lightning's handle of the open run (None until it starts)
             import wandb
 
             planned, self.why = resolve_mode(self.mode)
