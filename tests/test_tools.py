@@ -37,9 +37,8 @@ FMNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
+README = ROOT / "README.md"
 DISTILL = f"--config={CONFIGS / 'compress' / 'distill.yaml'}"
-# The README's onnxruntime example; until the tools' README draft is merged it lives in /tmp/tools_readme.md.
-README_CANDIDATES = [ROOT / "README.md", Path("/tmp/tools_readme.md")]
 
 
 @pytest.fixture(scope="session")
@@ -137,11 +136,9 @@ def test_failed_parity_or_an_existing_output_writes_nothing(teacher, tmp_path, c
 
 def readme_example() -> str:
     """The code block between ``<!-- onnx-example -->`` and ``<!-- /onnx-example -->``."""
-    for path in README_CANDIDATES:
-        text = path.read_text() if path.is_file() else ""
-        if found := re.search(r"<!-- onnx-example -->\s*```python\n(.*?)```\s*<!-- /onnx-example -->", text, re.S):
-            return found.group(1)
-    raise AssertionError(f"no onnx-example block in {', '.join(map(str, README_CANDIDATES))}")
+    found = re.search(r"<!-- onnx-example -->\s*```python\n(.*?)```\s*<!-- /onnx-example -->", README.read_text(), re.S)
+    assert found, "no onnx-example block in README.md"
+    return found.group(1)
 
 
 def test_the_readme_onnxruntime_example_classifies_an_image_file(teacher, mnist_root, tmp_path):
