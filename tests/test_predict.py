@@ -45,7 +45,7 @@ def test_predict_with_the_main_config(mnist_root, caplog):
         f"top{j}_{w}" for j in range(1, 6) for w in ("class", "prob")
     ]
     images, labels = next(iter(predicted.datamodule.predict_dataloader()))
-    probs = predicted.model.eval()(images[:3]).softmax(-1)
+    probs = predicted.model.eval()(images[:3]).softmax(-1).detach()
     names = predicted.datamodule.class_names
     for i in range(3):
         assert (
