@@ -126,11 +126,12 @@ def output(process: subprocess.Popen) -> str:
 
 def finish(*processes: subprocess.Popen, code: int = 0) -> list[str]:
     """The output of each, once all exited with ``code``; at the timeout every process of the launch is killed."""
-    for process in processes:
-        try:
+    try:
+        for process in processes:
             process.wait(timeout=TIMEOUT_S)
-        finally:
-            slurm.kill(slurm.processes_with(process.marker))  # torchrun's workers, a job's tasks: what is left
+    finally:  # then what is left (torchrun's workers, a job's tasks); not before: the launches may share a marker
+        slurm.kill(sorted({pid for process in processes for pid in slurm.processes_with(process.marker)}))
+    for process in processes:
         assert process.returncode == code, output(process)[-5000:]
     return [output(p) for p in processes]
 
