@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+OPTIONAL = {"onnx": "export", "tensorboard": "tensorboard"}  # package name in the message: pyproject's extra
+
 
 class UserError(Exception):
     """A problem the user can fix (a bad value, a missing file); the message says what to change."""
@@ -70,6 +72,9 @@ def one_line(err: BaseException) -> str | None:
     while cause is not None:  # jsonargparse and Lightning wrap what a class raised
         if isinstance(cause, UserError):  # a DataLoader worker re-raises it with the worker's traceback inside
             return str(cause).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
+        if isinstance(cause, ModuleNotFoundError):  # an optional package (onnx, tensorboard) is not installed
+            extra = next((e for name, e in OPTIONAL.items() if name in str(cause)), None)
+            return str(cause).splitlines()[0] + (f'; install it: pip install -e ".[{extra}]"' if extra else "")
         cause = cause.__cause__ or cause.__context__
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full while writing {err.filename or 'the output'}; free some space (earlier files are intact)"

@@ -106,6 +106,27 @@ class Evil:
         return exec, (f"open({self.marker!r}, 'w').close()",)
 
 
+def test_a_missing_optional_package_is_one_line_naming_the_extra(capsys, mnist_root, tmp_path, monkeypatch):
+    """`pip install -e .` alone has no tensorboard: the logger config says which extra brings it."""
+    import lightning.fabric.loggers.tensorboard as tensorboard
+
+    monkeypatch.setattr(tensorboard, "_TENSORBOARD_AVAILABLE", False)  # as Lightning finds it when not installed
+    monkeypatch.setattr(tensorboard, "_TENSORBOARDX_AVAILABLE", False)
+    line = fails_untouched(
+        [
+            "fit",
+            MNIST,
+            f"--config={CONFIGS / 'logger' / 'tensorboard.yaml'}",
+            f"--data.init_args.data_dir={mnist_root}",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            *QUIET,
+        ],
+        capsys,
+        tmp_path,
+    )
+    assert "`tensorboard`" in line and line.endswith('install it: pip install -e ".[tensorboard]"'), line
+
+
 def test_bad_checkpoints_are_refused_with_one_line(tmp_path, capsys, mnist_root, mnist_ckpt, cifar_root, monkeypatch):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "hyper_parameters": {"payload": Evil(str(marker))}}, "evil.ckpt")

@@ -25,18 +25,7 @@ from project.errors import UserError
 from project.models import ImageClassifier
 from tests.conftest import CONFIGS, CSV, ROOT, error_line, fails, fit, run_module
 
-FMNIST_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+FMNIST_CLASSES = datasets.FashionMNIST.classes  # torchvision's names, which the data module gives too
 README = ROOT / "README.md"
 DISTILL = f"--config={CONFIGS / 'compress' / 'distill.yaml'}"
 
@@ -332,6 +321,21 @@ def test_a_bad_checkpoint_is_one_line_in_every_tool(kind, tool, tmp_path, capsys
     assert not (tmp_path / "pwned").exists()
     if (tool, kind) != ("teacher", "missing"):  # fit has made its run folder by the time a missing teacher is noticed
         assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("tool", ["export", "compress"])
+def test_without_the_export_extra_a_tool_says_what_to_install(tool, teacher, tmp_path, capsys, monkeypatch):
+    """`pip install -e .` alone has no onnx or onnxruntime: one line naming the extra, and nothing written."""
+    for name in ("onnx", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now fails as when it is not installed
+    output = {"export": ["--output", str(tmp_path / "model.onnx")], "compress": ["--output_dir", str(tmp_path / "q")]}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        {"export": export, "compress": compress}[tool].main(["--ckpt_path", str(teacher[0]), *output[tool]])
+    assert exit_info.value.code == 2
+    line = error_line(capsys.readouterr().err)
+    assert "onnx" in line and line.endswith('install it: pip install -e ".[export]"'), line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_export_command_refuses_a_hostile_checkpoint_in_one_line(tmp_path):
