@@ -45,7 +45,7 @@ def load_data(run_config: Path, data_dir: str | None, eval_batch_size: int | Non
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--data", type=ImageDataModule)
     try:
-        return parser.instantiate_classes(parser.parse_object({"data": data})).data
+        return parser.instantiate(parser.parse_object({"data": data})).data
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - jsonargparse wraps what the data module raised

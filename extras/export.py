@@ -51,7 +51,7 @@ def build_net(config: Any, where: str) -> nn.Module:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--net", type=nn.Module)  # refuses a class_path that is not an nn.Module
     try:
-        return parser.instantiate_classes(parser.parse_object({"net": config})).net
+        return parser.instantiate(parser.parse_object({"net": config})).net
     except Exception as err:  # noqa: BLE001 - an unknown class, bad init_args, a net that fails to build
         reason = " ".join(str(err).split())[:200]
         raise UserError(f"{where}: cannot build its net {config['class_path']} ({reason})") from err

@@ -74,7 +74,8 @@ def one_line(err: BaseException) -> str | None:
             return str(cause).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
         if isinstance(cause, ModuleNotFoundError):  # an optional package (onnx, tensorboard) is not installed
             extra = next((e for name, e in OPTIONAL.items() if name in str(cause)), None)
-            return str(cause).splitlines()[0] + (f'; install it: pip install -e ".[{extra}]"' if extra else "")
+            hint = f': pip install -e ".[{extra}]" installs it' if extra else ""
+            return str(cause).splitlines()[0].rstrip(".") + hint
         cause = cause.__cause__ or cause.__context__
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full while writing {err.filename or 'the output'}; free some space (earlier files are intact)"

@@ -124,7 +124,7 @@ def test_a_missing_optional_package_is_one_line_naming_the_extra(capsys, mnist_r
         capsys,
         tmp_path,
     )
-    assert "`tensorboard`" in line and line.endswith('install it: pip install -e ".[tensorboard]"'), line
+    assert "`tensorboard`" in line and line.endswith(': pip install -e ".[tensorboard]" installs it'), line
 
 
 def test_bad_checkpoints_are_refused_with_one_line(tmp_path, capsys, mnist_root, mnist_ckpt, cifar_root, monkeypatch):
