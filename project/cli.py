@@ -220,6 +220,9 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
     # SLURM's srun is installed but this run is not under SLURM: Lightning warns on every start
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+    # test, predict or a resumed fit from another run's checkpoint: this run's checkpoints go to its own version
+    # folder, so Lightning's checkpoint callbacks start a top-k of their own there, as intended
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
     # cli_main(args) from a test or a notebook: the host process has arguments of its own
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
