@@ -1,9 +1,9 @@
 """Knowledge distillation: a (small) student net learns from a trained teacher's soft targets and the labels.
 
     python -m project fit -c configs/fashion_mnist.yaml --model.init_args.label_smoothing 0 \\
-        --trainer.default_root_dir teacher
+        --trainer.default_root_dir runs/teacher
     python -m project fit -c configs/fashion_mnist.yaml -c configs/compress/distill.yaml \\
-        --model.init_args.teacher_ckpt teacher/fashion_mnist/version_0/checkpoints/last.ckpt
+        --model.init_args.teacher_ckpt runs/teacher/fashion_mnist/version_0/checkpoints/last.ckpt
 """
 
 import os
