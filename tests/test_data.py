@@ -83,6 +83,7 @@ def test_cifar_reads_python_pickles_and_checks_md5(cifar_root, tmp_path):
     dm = CIFAR10DataModule(data_dir=root, batch_size=16, val_split=0.2)
     dm.prepare_data()
     dm.setup("test")
+    assert set(dm.splits) == {"test"}, "a test run reads no training data"
     index = dm.splits["test"].indices[0]
     x, y = next(iter(dm.test_dataloader()))
     assert torch.equal(x[0], torch.from_numpy(files[10]["test"][0][index]).permute(2, 0, 1))
@@ -91,7 +92,10 @@ def test_cifar_reads_python_pickles_and_checks_md5(cifar_root, tmp_path):
     copy.mkdir(parents=True)
     for f in (root / "cifar-10-batches-py").iterdir():
         copy.joinpath(f.name).write_bytes(f.read_bytes()[: -10 if f.name == "data_batch_1" else None])
-    assert not CIFAR10DataModule(data_dir=copy.parent).files_present()
+    damaged = CIFAR10DataModule(data_dir=copy.parent)
+    damaged.prepare_data()  # every file is there: nothing to fetch
+    with pytest.raises(UserError, match="CIFAR10 not found or corrupt.*MD5"):  # torchvision's check when it reads
+        damaged.setup("fit")
 
 
 def test_fashion_mnist_unpacks_gz_from_a_folder_or_debian(tmp_path, monkeypatch):
@@ -128,13 +132,18 @@ def test_augmentations_take_effect_per_image():
     same = torch.tensor([torch.equal(a, b) for a, b in zip(flipped, original, strict=True)])
     assert bool((mirrored ^ same).all()) and 0.4 < mirrored.float().mean() < 0.6
     # the crop equals slicing each reflect-padded image at the offsets drawn, in the order drawn
-    torch.manual_seed(5)
-    cropped = BatchAugment(crop_padding=3)(x[:32, :, :12, :10])
-    torch.manual_seed(5)
-    dy, dx = torch.randint(0, 7, (32,)), torch.randint(0, 7, (32,))
-    padded = torch.nn.functional.pad(original[:32, :, :12, :10], (3, 3, 3, 3), mode="reflect")
-    expected = torch.stack([padded[i, :, dy[i] : dy[i] + 12, dx[i] : dx[i] + 10] for i in range(32)])
-    torch.testing.assert_close(cropped, expected, rtol=0, atol=0)
+    # and with flip, the slice mirrored where the flip was drawn
+    for flip in (False, True):
+        torch.manual_seed(5)
+        cropped = BatchAugment(crop_padding=3, flip=flip)(x[:32, :, :12, :10])
+        torch.manual_seed(5)
+        dy, dx = torch.randint(0, 7, (32,)), torch.randint(0, 7, (32,))
+        mirror = torch.rand(32) < 0.5 if flip else torch.zeros(32, dtype=torch.bool)
+        padded = torch.nn.functional.pad(original[:32, :, :12, :10], (3, 3, 3, 3), mode="reflect")
+        expected = torch.stack([padded[i, :, dy[i] : dy[i] + 12, dx[i] : dx[i] + 10] for i in range(32)])
+        expected = torch.where(mirror[:, None, None, None], expected.flip(-1), expected)
+        torch.testing.assert_close(cropped, expected, rtol=0, atol=0)
+        assert 0 < mirror.sum() < 32 or not flip
     assert len({(int(a), int(b)) for a, b in zip(dy, dx, strict=True)}) > 10
     digits = torch.zeros(256, 1, 28, 28, dtype=torch.uint8)
     digits[:, :, 10:18, 10:18] = 255

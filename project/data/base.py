@@ -4,7 +4,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,16 +114,18 @@ class ImageDataModule(LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.val_split, self.augment, self.seed = val_split, augment, seed
         self.predict_split, self.loader, self.sampler = predict_split, loader, sampler
-        self.splits: dict[str, Dataset] = {}
+        self.sources: dict[str, Dataset | Callable[[], Dataset]] | None = None  # make_datasets(), read once
+        self.splits: dict[str, Dataset] = {}  # the splits a stage needed so far, ready to serve
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     # ---- what a data set provides ------------------------------------------------------------------------
-    def make_datasets(self) -> dict[str, Dataset]:
+    def make_datasets(self) -> dict[str, Dataset | Callable[[], Dataset]]:
         """The splits the data set comes with, e.g. ``{"train": ..., "test": ...}``: data sets of (uint8 CHW tensor,
-        label) with ``.targets``; a missing ``val`` is carved out of ``train``."""
+        label) with ``.targets``, or functions that read one (called only when a stage needs that split); a missing
+        ``val`` is carved out of ``train``."""
         raise NotImplementedError
 
     def files_present(self) -> bool:
@@ -154,29 +156,42 @@ class ImageDataModule(LightningDataModule):
                     os.replace(entry, target)
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.splits:
-            try:
-                self.splits = self.make_datasets()
-            except (AssertionError, EOFError, pickle.UnpicklingError, RuntimeError) as err:  # torchvision's readers
-                raise UserError(
-                    f"could not read the data set in {self.data_dir} ({type(err).__name__}: {str(err)[:120]}); a file "
-                    f"is probably truncated or corrupt: delete it and copy it again"
-                ) from err
-            if "val" not in self.splits:
-                train = self.splits["train"]
-                rest, val = stratified_split(targets(train), self.val_split, self.seed, "--data.val_split")
-                self.splits["train"], self.splits["val"] = Subset(train, rest), Subset(train, val)
-            for name in ("val", "test"):  # a fixed seeded order: limit_*_batches then sees every class
-                if name in self.splits and not isinstance(self.splits[name], Subset):
-                    order = torch.randperm(len(self.splits[name]), generator=torch.Generator().manual_seed(self.seed))
-                    self.splits[name] = Subset(self.splits[name], order.tolist())
+        if self.sources is None:
+            self.sources = self.read(self.make_datasets)
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": [self.predict_name]}
         for name in wanted.get(stage, ["train", "val", "test"]):
-            require(name in self.splits, f"{type(self).__name__} has no {name} images in {self.data_dir}")
+            if name not in self.splits:
+                self.make_split(name)
             if self.loader == "tensor" and not isinstance(self.splits[name], InMemory):
                 device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
                 images, labels = decode(self.splits[name], self.num_workers)
                 self.splits[name] = InMemory(images.to(device), labels.to(device), source=self.splits[name])
+
+    def make_split(self, name: str) -> None:
+        assert self.sources is not None
+        if name in ("train", "val") and "val" not in self.sources:
+            require("train" in self.sources, f"{type(self).__name__} has no train images in {self.data_dir}")
+            train = self.read(self.sources["train"])
+            rest, val = stratified_split(targets(train), self.val_split, self.seed, "--data.val_split")
+            self.splits["train"], self.splits["val"] = Subset(train, rest), Subset(train, val)
+            return
+        require(name in self.sources, f"{type(self).__name__} has no {name} images in {self.data_dir}")
+        data = self.read(self.sources[name])
+        if name in ("val", "test"):  # a fixed seeded order: limit_*_batches then sees every class
+            data = Subset(data, torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed)).tolist())
+        self.splits[name] = data
+
+    def read(self, make: Any) -> Any:
+        """``make()`` (a data set, or the dict of them), a torchvision reader's error turned into one line."""
+        if not callable(make):
+            return make
+        try:
+            return make()
+        except (AssertionError, EOFError, pickle.UnpicklingError, RuntimeError) as err:  # torchvision's readers
+            raise UserError(
+                f"could not read the data set in {self.data_dir} ({type(err).__name__}: {str(err)[:120]}); a file "
+                f"is probably truncated or corrupt: delete it and copy it again"
+            ) from err
 
     def train_weights(self) -> Tensor | None:
         """Per-sample weights of the training split for ``sampler: weighted`` (1 / class frequency), else None."""
@@ -227,7 +242,7 @@ class ImageDataModule(LightningDataModule):
     def predict_name(self) -> str:
         """``predict`` when the data set has its own unlabelled images (ImageFolder's predict_dir), else
         predict_split."""
-        return "predict" if "predict" in self.splits else self.predict_split
+        return "predict" if "predict" in (self.sources or {}) else self.predict_split
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_dataloader(self.predict_name)

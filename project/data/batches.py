@@ -43,13 +43,13 @@ class BatchAugment:
         self.degrees, self.translate, self.scale = degrees, translate, scale
 
     def __call__(self, images: Tensor) -> Tensor:
-        x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-        n, device = x.shape[0], x.device
+        x, n, device = images, images.shape[0], images.device
 
         def uniform(low: float, high: float) -> Tensor:
             return (torch.rand(n) * (high - low) + low).to(device)
 
         if self.degrees or self.translate or self.scale != (1.0, 1.0):
+            x = as_float(x)
             angle = uniform(-self.degrees, self.degrees) * (math.pi / 180)
             zoom = uniform(*self.scale)
             shift_x, shift_y = (
@@ -67,17 +67,33 @@ class BatchAugment:
             )
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if self.crop_padding:
-            p, (c, h, w) = self.crop_padding, x.shape[1:]
-            padded = F.pad(x, (p, p, p, p), mode="reflect").reshape(n, c, -1)
-            dy, dx = (torch.randint(0, 2 * p + 1, (n,)).to(device) for _ in range(2))
-            # one gather over each flattened padded image: 3x faster than 4-d advanced indexing on CPU
-            window = torch.arange(h, device=device)[:, None] * (w + 2 * p) + torch.arange(w, device=device)
-            index = window.view(1, 1, h * w) + (dy * (w + 2 * p) + dx).view(n, 1, 1)
-            x = padded.gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
+        if self.crop_padding or self.flip:
+            x = self.crop_and_flip(x)
+        return as_float(x)
+
+    def crop_and_flip(self, x: Tensor) -> Tensor:
+        """Crop and flip as one gather: each output pixel's source row and column, reflected at the border (no
+        padded copy), columns reversed for flipped images; on uint8 data when no affine ran first."""
+        n, c, h, w = x.shape
+        p = self.crop_padding
+        rows, cols = torch.arange(h).expand(n, h), torch.arange(w).expand(n, w)
+        if p:
+            dy, dx = (torch.randint(0, 2 * p + 1, (n,)) for _ in range(2))
+            rows, cols = reflect(rows + dy[:, None] - p, h), reflect(cols + dx[:, None] - p, w)
         if self.flip:
-            x = torch.where((torch.rand(n) < 0.5).to(device)[:, None, None, None], x.flip(-1), x)
-        return x
+            cols = torch.where(torch.rand(n)[:, None] < 0.5, cols.flip(-1), cols)
+        rows, cols = rows.to(x.device), cols.to(x.device)
+        index = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w)
+        return x.reshape(n, c, h * w).gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
+
+
+def reflect(position: Tensor, size: int) -> Tensor:
+    """Positions outside ``[0, size)`` mirrored back inside, as ``F.pad(mode="reflect")`` does (edge not repeated)."""
+    return (size - 1) - ((size - 1) - position.abs()).abs()
+
+
+def as_float(images: Tensor) -> Tensor:
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
 
 
 class InMemory(Dataset):
@@ -94,7 +110,7 @@ class InMemory(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(indices, device=self.images.device)
-        return self.images[index], self.labels[index]
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
 def whole_batch(batch: Any) -> Any:
@@ -112,7 +128,7 @@ def decode(dataset: Dataset, num_workers: int = 0) -> tuple[Tensor, Tensor]:
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
         labels = torch.as_tensor(source.targets, dtype=torch.long)
         if index is not None:
-            images, labels = images[index], labels[index]
+            images, labels = images.index_select(0, index), labels.index_select(0, index)  # 2x faster than [index]
         return images.contiguous(), labels
     images, labels = [], []
     for x, y in DataLoader(dataset, batch_size=512, num_workers=num_workers):

@@ -3,7 +3,8 @@
 import gzip
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,11 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 class _TorchvisionDataModule(ImageDataModule):
     dataset_class: Any = datasets.MNIST
 
-    def make_datasets(self) -> dict[str, Dataset]:
-        make = self.dataset_class
-        return {
-            split: make(str(self.data_dir), train=split == "train", transform=v2.PILToTensor())
-            for split in ("train", "test")
-        }
+    def make_datasets(self) -> dict[str, Callable[[], Dataset]]:
+        return {"train": partial(self.open, train=True), "test": partial(self.open, train=False)}
+
+    def open(self, train: bool) -> Dataset:
+        return self.dataset_class(str(self.data_dir), train=train, transform=v2.PILToTensor())
 
     def download(self, root: Path) -> None:
         self.dataset_class(str(root), train=True, download=True)
@@ -115,10 +115,14 @@ class _CIFAR(_TorchvisionDataModule):
     standard_augment = BatchAugment(crop_padding=4, flip=True)
 
     def files_present(self) -> bool:
-        # torchvision's own check: every batch file present with its published MD5
-        probe = self.dataset_class.__new__(self.dataset_class)
-        probe.root = str(self.data_dir)
-        return probe._check_integrity()  # private: torchvision has no public "are the files complete" check
+        cls = self.dataset_class
+        return all((self.data_dir / cls.base_folder / name).is_file() for name, _ in cls.train_list + cls.test_list)
+
+    def open(self, train: bool) -> Dataset:
+        try:  # torchvision checks every file's MD5 when it opens a split
+            return super().open(train)
+        except RuntimeError as err:
+            raise UserError(self.missing_data_message()) from err
 
     def missing_data_message(self) -> str:
         cls = self.dataset_class
