@@ -94,7 +94,7 @@ def test_cifar_reads_python_pickles_and_checks_md5(cifar_root, tmp_path):
         copy.joinpath(f.name).write_bytes(f.read_bytes()[: -10 if f.name == "data_batch_1" else None])
     damaged = CIFAR10DataModule(data_dir=copy.parent)
     damaged.prepare_data()  # every file is there: nothing to fetch
-    with pytest.raises(UserError, match="CIFAR10 not found or corrupt.*MD5"):  # torchvision's check when it reads
+    with pytest.raises(UserError, match="CIFAR10 not found or corrupt.*MD5 check; delete "):  # checked on reading
         damaged.setup("fit")
 
 

@@ -121,8 +121,13 @@ class _CIFAR(_TorchvisionDataModule):
     def open(self, train: bool) -> Dataset:
         try:  # torchvision checks every file's MD5 when it opens a split
             return super().open(train)
-        except RuntimeError as err:
-            raise UserError(self.missing_data_message()) from err
+        except RuntimeError as err:  # the files are there (files_present), so a download would not replace them
+            cls = self.dataset_class
+            folder = self.data_dir / cls.base_folder
+            raise UserError(
+                f"{cls.__name__} not found or corrupt: a file in {folder} fails torchvision's MD5 check; delete "
+                f"{folder}, then unpack {cls.filename} into {self.data_dir} or run once online"
+            ) from err
 
     def missing_data_message(self) -> str:
         cls = self.dataset_class
