@@ -9,13 +9,13 @@
 
 import os
 import pickle
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from project.errors import UserError
+from project.files import atomic_write
 
 
 def non_finite(state_dict: dict[str, Any]) -> list[str]:
@@ -31,22 +31,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise UserError(f"refused to write {path}: weights {', '.join(bad[:3])} are not finite (NaN/inf)")
         if "://" in str(path):  # remote storage: Lightning's fsspec transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)  # the rename itself
-        finally:
-            os.close(folder)
+        with atomic_write(path) as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path: Any, map_location: Any = "cpu", weights_only: bool | None = None) -> dict:
         if not os.path.isfile(path) and "://" not in str(path):

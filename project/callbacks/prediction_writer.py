@@ -7,7 +7,6 @@ processes, dropping the repeats a distributed sampler pads with, naming inputs a
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset, Subset
 
 from project.errors import UserError
+from project.files import atomic_write
 
 Row = dict[str, Any]
 
@@ -42,13 +42,6 @@ def merge_rows(per_rank: Sequence[Sequence[Row]]) -> list[Row]:
         for row in rows:
             merged.setdefault(row["index"], row)
     return [merged[i] for i in sorted(merged)]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(text, newline="")
-    os.replace(partial, path)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -134,9 +127,11 @@ class PredictionWriter(BasePredictionWriter):
                     for r in rows
                 ]
             )
-            write_atomically(folder / "predictions.csv", text.getvalue())
+            with atomic_write(folder / "predictions.csv", "w", newline="") as f:
+                f.write(text.getvalue())
             written.append(folder / "predictions.csv")
         if "jsonl" in self.formats:
-            write_atomically(folder / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            with atomic_write(folder / "predictions.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
             written.append(folder / "predictions.jsonl")
         return written

@@ -6,6 +6,7 @@ The architecture lives in ``net`` (any ``nn.Module``); nothing here knows which 
 import importlib.util
 import inspect
 import shutil
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -66,9 +67,12 @@ class ImageClassifier(LightningModule):
             class_weights is None or len(class_weights) == num_classes,
             f"--model.class_weights needs {num_classes} values (one per class), got {len(class_weights or [])}",
         )
-        self.save_hyperparameters()
         # Objects (a net built in Python, an optimizer function) are not plain data: keep them out of the checkpoint,
-        # which then loads with weights_only. Under the CLI these arrive as config dicts and stay.
+        # which then loads with weights_only. Under the CLI and load_from_checkpoint these arrive as config dicts and
+        # stay (Lightning's warning about an nn.Module argument is about the objects dropped here).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
+            self.save_hyperparameters()
         for key in [k for k, v in self.hparams.items() if isinstance(v, nn.Module) or callable(v)]:
             self.hparams.pop(key)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
