@@ -99,7 +99,7 @@ class ImageClassifier(LightningModule):
         self.test_metrics = collection.clone(prefix="test/")
         self.val_acc_best = MaxMetric()
         # Mean loss over samples (not over per-process batch means), so it is exact under DDP too.
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
 
     @property
     def backbone(self) -> nn.Module | None:
@@ -130,12 +130,11 @@ class ImageClassifier(LightningModule):
         logits, y = self(batch[0]), batch[1]
         loss = self.criterion(logits.float(), y)
         self.train_metrics.update(logits.detach(), y)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.train_loss.update(loss.detach(), weight=y.numel())
+        # the epoch means (Lightning computes and resets the metric objects), logged however few the steps
+        self.log_dict({**self.train_metrics, "train/loss": self.train_loss}, on_step=False, on_epoch=True)
+        self.log("train/loss_step", loss, prog_bar=True)
         return loss
-
-    def on_train_epoch_end(self) -> None:
-        self.log_dict(self.train_metrics.compute())
-        self.train_metrics.reset()
 
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # sanity-check batches must not count towards the best validation accuracy
@@ -149,31 +148,24 @@ class ImageClassifier(LightningModule):
                     f"max_steps), or train longer from the start"
                 )
 
-    def _evaluate(self, batch: Any, metrics: MetricCollection, loss_metric: MeanMetric) -> dict[str, Tensor]:
+    def _evaluate(self, batch: Any, stage: str) -> dict[str, Tensor]:
+        metrics, loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         logits, y = self(batch[0]), batch[1]
         metrics.update(logits, y)
-        loss_metric.update(self.criterion(logits.float(), y), weight=y.numel())
+        loss.update(self.criterion(logits.float(), y), weight=y.numel())
+        self.log_dict({**metrics, f"{stage}/loss": loss}, prog_bar=stage == "val")  # synced by torchmetrics
         return {"preds": logits.argmax(dim=-1), "target": y, "logits": logits.detach()}  # for callbacks (media)
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, self.val_metrics, self.val_loss)
+        return self._evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, self.test_metrics, self.test_loss)
+        return self._evaluate(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        values = {**self.val_metrics.compute(), "val/loss": self.val_loss.compute()}  # synced by torchmetrics
-        self.val_metrics.reset()
-        self.val_loss.reset()
-        self.log_dict(values, prog_bar=True)
         if not self.trainer.sanity_checking:
-            self.val_acc_best.update(values["val/acc"])
+            self.val_acc_best.update(self.val_metrics["acc"].compute())
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict({**self.test_metrics.compute(), "test/loss": self.test_loss.compute()})
-        self.test_metrics.reset()
-        self.test_loss.reset()
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         probs = self(batch[0] if isinstance(batch, (list, tuple)) else batch).float().softmax(dim=-1)
