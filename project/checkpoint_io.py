@@ -24,7 +24,8 @@ def non_finite(state_dict: dict[str, Any]) -> list[str]:
 
 class SafeCheckpointIO(TorchCheckpointIO):
     def __init__(self, mmap: bool = False) -> None:
-        self.mmap = mmap
+        self.mmap = mmap  # tensors read when used; the file read is kept for the next load of the same path
+        self.loaded: tuple[str, dict[str, Any]] | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if bad := non_finite(checkpoint.get("state_dict", {})):
@@ -35,12 +36,16 @@ class SafeCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
 
     def load_checkpoint(self, path: Any, map_location: Any = "cpu", weights_only: bool | None = None) -> dict:
+        if self.loaded is not None and self.loaded[0] == str(path):  # read once already (by the CLI): hand it over
+            checkpoint, self.loaded = self.loaded[1], None
+            return checkpoint
         if not os.path.isfile(path) and "://" not in str(path):
             raise UserError(f"checkpoint not found: {path}")
         try:
             if self.mmap:
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+                checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+            else:
+                checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
             if "Unsupported global" in str(err):  # a pickled class or function: what malicious files carry
                 raise UserError(
@@ -54,12 +59,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise UserError(
                 f"{path} is not a readable checkpoint ({type(err).__name__}); pass a .ckpt from fit"
             ) from err
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise UserError(f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by fit")
+        self.loaded = (str(path), checkpoint) if self.mmap else None
+        return checkpoint
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint as plain data (weights-only, on the CPU; ``mmap``: tensors read lazily); one-line error for a
     missing, damaged or hostile file."""
-    checkpoint = SafeCheckpointIO(mmap).load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by fit")
-    return checkpoint
+    return SafeCheckpointIO(mmap).load_checkpoint(path)

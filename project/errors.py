@@ -90,6 +90,11 @@ def one_line(err: BaseException) -> str | None:
             f"the checkpoint does not fit this model ({m[1]}: {m[2]} saved, {m[3]} here): it was trained with "
             f"another net or num_classes; use the config.yaml saved next to it, -c runs/<name>/version_<N>/config.yaml"
         )
+    if m := re.search(r"(Missing|Unexpected) key\(s\) in state_dict: ([^.]*)", text):
+        return (
+            f"the checkpoint does not fit this model ({m[1].lower()} weights {m[2][:120]}): it was trained with "
+            f"another model or net; use the config.yaml saved next to it, -c runs/<name>/version_<N>/config.yaml"
+        )
     if re.search(r"Connection (reset|closed) by peer|Watchdog caught collective|NCCL.*[Tt]imeout", text):
         return (
             "a DDP worker stopped answering (it died or hung), so the job stops instead of waiting; look above for "
