@@ -1,59 +1,100 @@
-"""The command line: ``python -m project fit|validate|test|predict --config ...``, a LightningCLI."""
+"""The command line: ``python -m project fit|validate|test|predict --config ...``, a LightningCLI for any
+LightningModule and LightningDataModule."""
 
+import inspect
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _InstantiatorFn
 from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from project.callbacks.interrupt import GracefulInterrupt, slurm_job_id
 from project.callbacks.nan_guard import NonFiniteGuard
 from project.callbacks.prediction_writer import PredictionWriter
+from project.callbacks.progress import EpochProgressBar
 from project.callbacks.rng import RNGState
-from project.callbacks.wandb import WandbPredictionMedia, WandbWatch
-from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
-from project.data.base import ImageDataModule
+from project.callbacks.wandb import WandbPredictionMedia, WandbRunId, WandbWatch
+from project.checkpoint_io import SafeCheckpointIO
 from project.errors import OneLineErrors, UserError, did_you_mean, exit_on_user_error, require
 from project.loggers import SaveConfigCallback, WandbLogger, next_run_dir
-from project.models.classifier import ImageClassifier
 
-LINKS = [  # the data decides these; they are never typed twice
-    ("data.num_classes", "model.init_args.num_classes"),
-    ("data.class_names", "model.init_args.class_names"),
-    ("data.image_shape", "model.init_args.image_shape"),
-    ("data.mean", "model.init_args.mean"),
-    ("data.std", "model.init_args.std"),
-    ("data.num_classes", "model.init_args.net.init_args.num_classes"),
-    ("data.image_shape", "model.init_args.net.init_args.input_shape"),
+LINKS = [  # what the data decides, never typed twice; a model or net without such an argument is left alone
+    ("num_classes", "model.init_args.num_classes"),
+    ("class_names", "model.init_args.class_names"),
+    ("image_shape", "model.init_args.image_shape"),
+    ("mean", "model.init_args.mean"),
+    ("std", "model.init_args.std"),
+    ("num_classes", "model.init_args.net.init_args.num_classes"),
+    ("image_shape", "model.init_args.net.init_args.input_shape"),
 ]
+HELP = {  # this project's meaning where Lightning's docstring says something else
+    "--ckpt_path": "a checkpoint file to resume (fit) or evaluate, or `last`: the last.ckpt of the run whose "
+    "config.yaml is given with -c (under SLURM a requeued fit resumes from its hpc_ckpt_<N>.ckpt by itself)",
+    "--weights_only": "ignored: checkpoints are always read as plain data (weights-only); one that holds Python "
+    "objects is refused",
+    "--trainer.callbacks": "callbacks to add (`callbacks+=` appends; in YAML `callbacks+:`); always added: "
+    "RNGState, NonFiniteGuard, GracefulInterrupt, the two checkpoint callbacks, LearningRateMonitor (with a logger)",
+    "--checkpoint.dirpath": "where the best checkpoint goes (default: <run folder>/checkpoints)",
+    "--last_checkpoint.dirpath": "where last.ckpt goes (default: <run folder>/checkpoints)",
+    "--checkpoint.filename": "the best checkpoint's file name (default: epoch=<E>-<monitor>=<value>)",
+}
+TITLES = {
+    "checkpoint": "The best checkpoint by --checkpoint.monitor (default val/acc, max); Lightning's ModelCheckpoint",
+    "last_checkpoint": "last.ckpt, rewritten after every epoch (for resuming); Lightning's ModelCheckpoint",
+    "prediction_writer": "predict: predictions.csv / .jsonl of a classifier",
+    "lr_monitor": "The learning rate, logged when there is a logger; Lightning's LearningRateMonitor",
+    "wandb_watch": "W&B: gradient and parameter histograms (wandb.watch)",
+    "wandb_media": "W&B: confusion matrix and sample predictions of a classifier",
+}
 
 
 class ArgumentParser(OneLineErrors, LightningArgumentParser):
-    """LightningCLI's parser, but a bad argument raises a one-line :class:`UserError` instead of usage + exit."""
+    """LightningCLI's parser: one-line errors, ``usage: python -m project``, and help in this project's words."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prog", "python -m project")
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+        if args and args[0] in HELP:
+            kwargs["help"] = HELP[args[0]]
+        return super().add_argument(*args, **kwargs)
+
+    def add_argument_group(self, *args: Any, name: str | None = None, **kwargs: Any) -> Any:
+        if name in TITLES:
+            args = (TITLES[name], *args[1:])
+        return super().add_argument_group(*args, name=name, **kwargs)
 
 
 class CLI(LightningCLI):
-    """LightningCLI with the data's classes, shape and statistics linked into the model, best and last checkpoints,
-    run folders under ``trainer.default_root_dir``, and checks of every input before any work starts."""
+    """LightningCLI with the data's facts filled into the model, best and last checkpoints, run folders under
+    ``trainer.default_root_dir``, a checkpoint read once, and checks of every input before any work starts."""
+
+    checkpoint: dict[str, Any] | None = None  # the one read of --ckpt_path (tensors memory-mapped)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for source, target in LINKS:
-            parser.link_arguments(source, target, apply_on="instantiate")
+        for name, target in LINKS:
+            fact = partial(self.fact, name, target)
+            fact.__name__ = f"checkpoint_or_data.{name}"  # shown by --help
+            parser.link_arguments("data", target, fact, apply_on="instantiate")
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
         # Accepted by every subcommand, so a fit run's saved config.yaml works for validate/test/predict as is.
         parser.add_argument("--test_after_fit", type=bool, default=False, help="fit: then test the best checkpoint")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best by val/acc
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # last.ckpt after every epoch, as the checkpoint with the highest step: Lightning refreshes a monitored
         # ModelCheckpoint's save_last only on a new best
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
@@ -62,7 +103,6 @@ class CLI(LightningCLI):
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.filename": "epoch={epoch:03d}-val_acc={val/acc:.4f}",
                 "last_checkpoint.filename": "last",
                 "last_checkpoint.enable_version_counter": False,
                 "last_checkpoint.monitor": "step",
@@ -79,38 +119,34 @@ class CLI(LightningCLI):
             super().parse_arguments(parser, args)
         except UserError as err:
             raise UserError(name_the_broken_yaml(str(err), list(sys.argv[1:] if args is None else args))) from err
-        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "last":  # a new process writes into a new folder: find the last.ckpt of the run given
-            ckpt_path = config.ckpt_path = last_checkpoint_of_run(
-                config.get("config") or [], config.last_checkpoint.dirpath
-            )
-        if ckpt_path is None and self.config.get("subcommand") == "fit" and SLURMEnvironment.detect():
-            # requeued by SLURM: Lightning resumes from the newest hpc_ckpt_<N>.ckpt in default_root_dir
-            saved = Path(config.trainer.default_root_dir or ".").glob("hpc_ckpt_*.ckpt")
-            ckpt_path = max(saved, key=lambda p: int(p.stem.removeprefix("hpc_ckpt_")), default=None)
-        checkpoint = None
-        if ckpt_path and str(ckpt_path) not in ("best", "hpc", "registry") and "://" not in str(ckpt_path):
-            # Lightning reads the model's config from this file next: make sure it is one of ours
-            near = [str(p) for p in Path(ckpt_path).parent.glob("*.ckpt")]
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        if config.get("ckpt_path") == "last":  # a new process writes into a new folder: the last.ckpt of the run given
+            config.ckpt_path = last_checkpoint_of_run(config.get("config") or [], config.last_checkpoint.dirpath)
+        path = config.get("ckpt_path")
+        if self.config.subcommand == "fit" and path is None and SLURMEnvironment.detect():
+            path = newest_hpc_checkpoint(Path(config.trainer.default_root_dir or "."))  # Lightning resumes from it
+        if path and str(path) not in ("best", "hpc", "registry") and "://" not in str(path):
+            near = [str(p) for p in Path(path).parent.glob("*.ckpt")]
+            require(Path(path).is_file(), f"--ckpt_path {path}: no such file{did_you_mean(str(path), near)}")
+            self.checkpoint_io = SafeCheckpointIO(mmap=True)
+            self.checkpoint = self.checkpoint_io.load_checkpoint(path)  # handed to Lightning: the file is read once
+            hparams = self.checkpoint.get("hyper_parameters") or {}
             require(
-                Path(ckpt_path).is_file(), f"--ckpt_path {ckpt_path}: no such file{did_you_mean(str(ckpt_path), near)}"
+                not hparams or "_class_path" in hparams,
+                f"--ckpt_path {path} comes from another model (hyperparameters: {', '.join(map(str, hparams))}); "
+                f"pass a checkpoint written by `python -m project fit`",
             )
-            checkpoint = load_checkpoint(ckpt_path, mmap=True)
-            hparams = checkpoint.get("hyper_parameters", {})
-            require(
-                isinstance(hparams.get("net"), dict),
-                f"--ckpt_path {ckpt_path} comes from another model (hyperparameters: {', '.join(map(str, hparams))}); "
-                f"pass a checkpoint written by this project's fit",
-            )
-        # a fit resumed from a checkpoint continues its W&B run
-        fit = self.config.get("subcommand") == "fit"
-        self.resume_run_id = checkpoint.get("wandb_run_id") if checkpoint is not None and fit else None
 
-    def after_instantiate_classes(self) -> None:
-        for logger in self.trainer.loggers if self.resume_run_id else ():
-            if isinstance(logger, WandbLogger):
-                logger.resume(self.resume_run_id)  # before Lightning creates the run at setup
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's own override of the model config by the checkpoint's hyperparameters, from the checkpoint
+        already read (private in Lightning; its version reads the whole file once more)."""
+        hparams = dict((self.checkpoint or {}).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if hparams and "_class_path" in hparams:  # written through this CLI: class and arguments
+            model = {"class_path": hparams.pop("_class_path"), "init_args": hparams}
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -138,6 +174,31 @@ class CLI(LightningCLI):
         self.config_dump = dump[self.subcommand] if self.subcommand else dump
         if isinstance(self.config_dump["model"].get("init_args", {}).get("net"), dict):
             self.config_dump["model"]["init_args"]["net"].setdefault("init_args", {})
+        self.parser.add_instantiator(TakenLinks(self), LightningModule, prepend=True)
+        if config.checkpoint.filename is None and config.checkpoint.monitor:  # e.g. epoch=003-val_acc=0.9123.ckpt
+            monitor, name = config.checkpoint.monitor, re.sub(r"\W", "_", config.checkpoint.monitor)
+            config.checkpoint.filename = f"epoch={{epoch:03d}}-{name}={{{monitor}:.4f}}"
+
+    def fact(self, name: str, target: str, data: LightningDataModule) -> Any:
+        """The value of a link: what the checkpoint being loaded says (predicting with a checkpoint needs no training
+        data), else the data module's attribute ``name``."""
+        saved = (self.checkpoint or {}).get("hyper_parameters") or {}
+        *owner, key = target.removeprefix("model.init_args.").split(".init_args.")
+        if owner:  # the net's config: {class_path, init_args}
+            net = saved.get(owner[0])
+            saved = (net.get("init_args") or {}) if isinstance(net, dict) else {}
+        value = saved.get(key)
+        if value is None:
+            value = getattr(data, name, None)
+        elif name in ("num_classes", "class_names", "image_shape") and self.subcommand != "predict":
+            given = getattr(data, name, None)  # new images to predict need no training data to compare with
+            given = list(given) if isinstance(given, tuple) else given
+            require(
+                given is None or given == value,
+                f"the checkpoint does not fit this model and data ({name}: {value} saved, {given} in the data): it was "
+                f"trained on other data; use the config.yaml saved next to it, -c runs/<name>/version_<N>/config.yaml",
+            )
+        return list(value) if isinstance(value, tuple) else value
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -146,22 +207,81 @@ class CLI(LightningCLI):
         plugins = trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins = [*plugins, SafeCheckpointIO()]
+            plugins = [*plugins, getattr(self, "checkpoint_io", None) or SafeCheckpointIO()]
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
             plugins = [*plugins, SLURMEnvironment(auto_requeue=False)]  # GracefulInterrupt requeues between steps
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks = [*callbacks, EpochProgressBar()]
         if trainer.get("logger") not in (False, []):  # Lightning's LearningRateMonitor fails without a logger
-            callbacks = [*callbacks, config["lr_monitor"]]
+            callbacks = [*callbacks, config["lr_monitor"], WandbRunId()]
         elif not trainer.get("fast_dev_run"):  # no logger, no version folder: still a folder of its own
             root = Path(trainer.get("default_root_dir") or ".") / run_name(type(config["data"]).__name__)
             kwargs["default_root_dir"] = str(next_run_dir(root, create=False))
         return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
 
+    def after_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit" and config.test_after_fit:  # decided before training, not after it
+            model, data = type(self.model).__name__, type(self.datamodule).__name__
+            require(
+                is_overridden("test_step", self.model),
+                f"--test_after_fit true but {model} has no test_step; add one, or set --test_after_fit false",
+            )
+            require(
+                getattr(self.datamodule, "has_split", lambda _: True)("test"),
+                f"--test_after_fit true but {data} has no test images; add them, or set --test_after_fit false",
+            )
+        run_id = (self.checkpoint or {}).get("wandb_run_id") if self.subcommand == "fit" else None
+        for logger in self.trainer.loggers if run_id else ():  # a resumed fit continues its W&B run
+            if isinstance(logger, WandbLogger):
+                logger.run_id = run_id
+
     def after_fit(self) -> None:
         if self.config.fit.test_after_fit and not self.trainer.interrupted:
-            best = self.config_init.fit.checkpoint.best_model_path  # none in a fast_dev_run
+            best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+class FailedRunCleanup(Callback):
+    """A command that fails before its first training step leaves no run folder behind: its config.yaml and the
+    W&B run of a command that did nothing are removed (by :func:`cli_main`, once the loggers are closed)."""
+
+    def __init__(self) -> None:
+        self.trained, self.folders = False, []
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self.trained = True
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not self.trained and trainer.is_global_zero:
+            self.folders = [Path(getattr(lg, "run_dir", None) or lg.log_dir or "-") for lg in trainer.loggers]
+
+    def remove(self) -> None:
+        for folder in self.folders:
+            if folder.is_dir() and not any(folder.rglob("*.ckpt")):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+class TakenLinks:
+    """Instantiates the model as Lightning's CLI does (its config becomes the hyperparameters), telling Lightning
+    only the links the model or its net takes: Lightning records every link in the hyperparameters, also those
+    jsonargparse skipped because there is no such argument (``num_classes`` of an autoencoder), and a checkpoint with
+    such a key no longer loads."""
+
+    def __init__(self, cli: LightningCLI) -> None:
+        self.lightning = _InstantiatorFn(cli=cli, key="model")  # private: Lightning's instantiator of the model
+
+    def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> Any:
+        def taken(target: str) -> bool:
+            *owner, name = target.removeprefix("model.init_args.").split(".init_args.")
+            if not owner:
+                return name in kwargs
+            return owner[0] in kwargs and name in inspect.signature(type(kwargs[owner[0]])).parameters
+
+        links = {k: v for k, v in applied_instantiation_links.items() if not k.startswith("model.") or taken(k)}
+        return self.lightning(class_type, *args, applied_instantiation_links=links, **kwargs)
 
 
 def name_the_broken_yaml(message: str, argv: list[str]) -> str:
@@ -190,6 +310,12 @@ def run_name(data_class_path: str) -> str:
     """``project.data.FashionMNISTDataModule`` -> ``fashion_mnist``."""
     name = data_class_path.rsplit(".", 1)[-1].removesuffix("DataModule")
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def newest_hpc_checkpoint(folder: Path) -> Path | None:
+    """The ``hpc_ckpt_<N>.ckpt`` with the highest N in ``folder``, which Lightning resumes a requeued SLURM job from."""
+    saved = [(int(m[1]), p) for p in folder.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)", p.stem))]
+    return max(saved)[1] if saved else None
 
 
 def last_checkpoint_of_run(config_files: Sequence[Any], dirpath: str | None = None) -> str:
@@ -240,25 +366,30 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
     if args is None:  # LightningCLI reads sys.argv itself
         sys.argv[1:] = [a for a in argv if a != "--debug"]
     quiet()
+    cleanup = FailedRunCleanup()
     with exit_on_user_error(debug="--debug" in argv):
-        cli = CLI(
-            ImageClassifier,
-            ImageDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=42,
-            auto_configure_optimizers=False,
-            parser_class=ArgumentParser,
-            save_config_callback=SaveConfigCallback,
-            trainer_defaults={
-                "default_root_dir": default_root_dir(),
-                # W&B by default (offline without credentials); configs/logger/{csv,tensorboard,none}.yaml switch it
-                "logger": {"class_path": "project.loggers.WandbLogger", "init_args": {"name": None}},
-                "callbacks": [RNGState(), NonFiniteGuard(), GracefulInterrupt()],  # always on, added to any list
-            },
-            args=None if args is None else [a for a in argv if a != "--debug"],
-            run=run,
-        )
+        try:
+            cli = CLI(
+                LightningModule,
+                LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                seed_everything_default=42,
+                auto_configure_optimizers=False,
+                parser_class=ArgumentParser,
+                save_config_callback=SaveConfigCallback,
+                trainer_defaults={
+                    "default_root_dir": default_root_dir(),
+                    # W&B by default (offline without credentials); configs/logger/{csv,tensorboard,none}.yaml switch it
+                    "logger": {"class_path": "project.loggers.WandbLogger", "init_args": {"name": None}},
+                    "callbacks": [RNGState(), NonFiniteGuard(), GracefulInterrupt(), cleanup],  # added to any list
+                },
+                args=None if args is None else [a for a in argv if a != "--debug"],
+                run=run,
+            )
+        except BaseException:
+            cleanup.remove()
+            raise
         for logger in cli.trainer.loggers:  # one W&B run per command, finished before the next one starts
             if isinstance(logger, WandbLogger) and run:
                 logger.close()

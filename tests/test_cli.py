@@ -222,3 +222,26 @@ def test_learning_rate_is_logged_once_and_configurable(mnist_root):
     )
     metrics = read_metrics(Path(cli.trainer.log_dir))
     assert len(metrics["lr-AdamW/pg1"]) == 3 and "lr-AdamW/pg1-momentum" in metrics  # per step: OneCycle is per step
+
+
+def test_train_loss_is_logged_every_epoch_however_few_the_steps_and_epochs_count_from_one(mnist_root, capsys):
+    """3 steps an epoch, fewer than log_every_n_steps: the epoch's mean train/loss is logged anyway (it used to be
+    logged per step only, so never); the progress bar ends at Epoch 2/2, not at Lightning's 0-based Epoch 1/1."""
+    cli = cli_main(
+        [
+            "fit",
+            f"--config={CONFIGS / 'mnist.yaml'}",
+            CSV,
+            f"--data.init_args.data_dir={mnist_root}",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=50",
+            "--trainer.enable_model_summary=false",
+        ]
+    )
+    metrics = read_metrics(Path(cli.trainer.log_dir))
+    assert len(metrics["train/loss"]) == 2 and all(v > 0 for v in metrics["train/loss"]) and "train/acc" in metrics
+    console = capsys.readouterr()
+    shown = console.out + console.err
+    assert "Epoch 2/2" in shown and "Epoch 1/1" not in shown  # without a terminal, Rich draws the last state

@@ -62,10 +62,17 @@ class PredictionWriter(BasePredictionWriter):
             raise UserError(f"--prediction_writer.top_k must be at least 1, got {top_k}")
         self.formats, self.top_k, self.output_dir = list(formats), top_k, output_dir
         self.rows: list[Row] = []
+        self.classifier = True
         self.written: list[Path] = []
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.rows = []
+        self.classifier = hasattr(pl_module, "class_names")
+        if not self.classifier and self.formats:
+            rank_zero_info(
+                f"prediction files need a classifier (a model with class_names); {type(pl_module).__name__} is not "
+                f"one, so none are written: use trainer.predict's return value, or a BasePredictionWriter of yours"
+            )
 
     def write_on_batch_end(
         self,
@@ -77,6 +84,8 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        if not self.classifier:
+            return
         probs = prediction["probs"] if isinstance(prediction, dict) else prediction.float().softmax(dim=-1)
         probs = probs.detach().float().cpu()
         if not batch_indices:  # a loader whose sampler Lightning cannot track (Lightning passes [] or None)
@@ -107,7 +116,7 @@ class PredictionWriter(BasePredictionWriter):
             torch.distributed.all_gather_object(per_rank, self.rows)
         self.rows = []
         folder = Path(self.output_dir or trainer.log_dir or ".")  # log_dir is a collective call: on every rank
-        if trainer.is_global_zero and self.formats:
+        if trainer.is_global_zero and self.formats and self.classifier:
             rows = merge_rows(per_rank)
             self.written = self.write(rows, folder)
             rank_zero_info(f"predictions of {len(rows)} inputs written to {', '.join(map(str, self.written))}")

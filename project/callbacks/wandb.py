@@ -1,6 +1,7 @@
-"""W&B callbacks: gradient/parameter histograms (``wandb.watch``) and validation/test media.
+"""W&B callbacks: gradient/parameter histograms (``wandb.watch``), a classifier's validation/test media, and the run
+id in checkpoints (a fit resumed from one continues the run).
 
-Both do nothing unless the trainer has a ``WandbLogger``, and log from global rank 0 only.
+Each does nothing unless the trainer has a ``WandbLogger``, and logs from global rank 0 only.
 """
 
 from typing import Any, Literal
@@ -14,6 +15,16 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+class WandbRunId(Callback):
+    """Keeps the W&B run id in every checkpoint (``wandb_run_id``): the CLI continues that run when a fit resumes
+    from it."""
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in wandb_loggers(trainer):
+            if getattr(logger, "run_id", None):  # not .experiment: that would start a finished run again
+                checkpoint["wandb_run_id"] = logger.run_id
 
 
 class WandbWatch(Callback):
@@ -71,11 +82,14 @@ class WandbPredictionMedia(Callback):
         self.samples: dict[bool, list[tuple[Tensor, int, int, float]]] = {True: [], False: []}
 
     def active(self, trainer: Trainer) -> bool:
-        if not wandb_loggers(trainer) or trainer.sanity_checking:
+        classifier = hasattr(trainer.lightning_module, "class_names")  # other models have no classes to show
+        if not wandb_loggers(trainer) or trainer.sanity_checking or not classifier:
             return False
         return trainer.testing or (self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.active(trainer):
+            return
         self.confusion = MulticlassConfusionMatrix(pl_module.num_classes).to(pl_module.device)
         self.samples = {True: [], False: []}
 
