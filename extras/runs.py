@@ -41,8 +41,8 @@ def apply(target: dict[str, Any], item: Any) -> None:
 
 
 def read_wandb_run(path: Path, wait: float = 20.0) -> dict[str, Any]:
-    """The W&B run in ``path`` (a run folder, or a ``.wandb`` file): id, name, config, summary, history rows in
-    order, artifacts. A run folder must hold exactly one W&B run. wandb's service process writes the file on its
+    """The W&B run in ``path`` (a run folder, or a ``.wandb`` file): id, name, git commit, config, summary, history
+    rows in order, artifacts. A run folder must hold exactly one W&B run. wandb's service process writes the file on its
     own: wait up to ``wait`` seconds for the run's exit record."""
     path = Path(path)
     files = [path] if path.suffix == ".wandb" else sorted(path.glob("wandb/*run-*/run-*.wandb"))
@@ -54,7 +54,7 @@ def read_wandb_run(path: Path, wait: float = 20.0) -> dict[str, Any]:
     for record in records(files[0]):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run |= {"id": record.run.run_id, "name": record.run.display_name}
+            run |= {"id": record.run.run_id, "name": record.run.display_name, "commit": record.run.git.commit}
         elif kind in ("config", "summary"):
             for item in getattr(record, kind).update:
                 apply(run[kind], item)

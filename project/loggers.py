@@ -1,23 +1,29 @@
-"""Weights & Biases for the CLI: never waits on a network it cannot reach, one folder per run, the full config in
-the run, and a resumed fit continues the same run.
+"""Weights & Biases for the CLI: never waits on a network it cannot reach, one folder per run, the full config and
+the state of the code in the run, and a resumed fit continuing the same run.
 
-``WandbLogger`` is Lightning's logger with four changes:
+``WandbLogger`` is Lightning's logger (same arguments; ``**kwargs`` reach ``wandb.init``) with four changes:
 
 - **mode**: ``mode`` if given, else ``WANDB_MODE``, else ``online`` when an API key exists (``WANDB_API_KEY`` or a
   netrc entry) and ``offline`` when not. Before going online the server must answer within ``timeout`` seconds,
   else the run is written offline (``wandb sync`` uploads it later) and the last line says why.
 - **folders**: each run gets ``<save_dir>/<name>/version_<N>/`` like the CSV logger; W&B's files, the resolved
   ``config.yaml`` and ``checkpoints/`` all live in it.
-- **resume**: checkpoints carry the run id (``SaveConfigCallback``); a fit resumed from one (``--ckpt_path``, or a
-  SLURM requeue) logs into the same W&B run, its steps continuing (the CLI calls ``resume`` before the run starts).
-- **artifacts** (``log_model``): checkpoints with aliases ``best``/``last``/``latest`` and the run's ``config.yaml``.
+- **one run id from the start** (``id``, or a new one, with ``resume="allow"``): a fit resumed from a checkpoint
+  gets the checkpoint's id from the CLI (``project.callbacks.wandb.WandbRunId`` writes it), and a run finished at a
+  SLURM requeue signal that could not requeue goes on as the same run.
+- **config**: the full resolved CLI config, plus whether the code differs from its commit (wandb records the
+  commit itself); model artifacts are Lightning's ``log_model``, of the monitored checkpoints.
 """
 
+import hashlib
 import json
 import netrc
 import os
 import re
+import secrets
+import site
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -71,19 +77,28 @@ def unreachable(url: str, timeout: float) -> str | None:
     return None
 
 
-def git_state(repo: Path = PROJECT_ROOT) -> dict[str, Any]:
-    """The commit of the code that runs and whether it has uncommitted changes (None outside a git checkout)."""
+def git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
 
+def code_state() -> dict[str, Any]:
+    """The commit of the code that runs, whether it differs from it (uncommitted changes), and the Python files this
+    process imported that git does not track (your ``my_nets.py``), with their SHA-256: what re-running needs."""
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+    tracked = {str(PROJECT_ROOT / f) for f in (git("ls-files") or "").splitlines()}
+    installed = tuple(os.path.realpath(p) for p in {sys.prefix, sys.base_prefix, *site.getsitepackages()})
+    imported = {os.path.realpath(getattr(m, "__file__", None) or "-") for m in list(sys.modules.values())}
+    untracked = {
+        f: hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16]
+        for f in sorted(imported)
+        if f.endswith(".py") and os.path.isfile(f) and not f.startswith(installed) and f not in tracked
+    }
+    changed = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    return {"commit": commit, "dirty": None if changed is None else changed or bool(untracked), "untracked": untracked}
 
 
 def next_run_dir(parent: Path, create: bool) -> Path:
@@ -109,8 +124,10 @@ class WandbLogger(LightningWandbLogger):
         project, entity, group, tags, notes, job_type: as in ``wandb.init``.
         mode: ``online``, ``offline`` or ``disabled``; unset: ``WANDB_MODE``, else online only with credentials.
         timeout: seconds the W&B server has to answer before the run goes offline instead.
-        log_model: log checkpoints as model artifacts: ``True`` at the end of training, ``"all"`` as saved.
+        log_model: the monitored checkpoints as model artifacts (aliases ``best``, ``latest``): ``True`` at the
+            end of training, ``"all"`` as they are saved.
         checkpoint_name: the model artifact's name (default ``model-<run id>``).
+        id: the run id (default: a new one); prefix: put before every metric name; **kwargs: to ``wandb.init``.
     """
 
     def __init__(
@@ -127,7 +144,18 @@ class WandbLogger(LightningWandbLogger):
         timeout: float = 5.0,
         log_model: bool | Literal["all"] = False,
         checkpoint_name: str | None = None,
+        id: str | None = None,
+        prefix: str = "",
+        **kwargs: Any,
     ) -> None:
+        import wandb
+
+        given = mode or os.environ.get("WANDB_MODE")
+        if given not in (None, "", "online", "offline", "disabled", "dryrun", "run"):
+            raise UserError(f"W&B mode {given!r} (WANDB_MODE or the logger's mode) must be online, offline or disabled")
+        self.run_id = id or secrets.token_hex(4)  # kept when the run is finished: a later start resumes it
+        if kwargs.get("settings") is None:  # wandb records the commit of this project, wherever the run starts
+            kwargs["settings"] = wandb.Settings(git_root=str(PROJECT_ROOT))
         super().__init__(
             name=name,
             save_dir=save_dir,
@@ -137,15 +165,15 @@ class WandbLogger(LightningWandbLogger):
             tags=tags,
             notes=notes,
             job_type=job_type,
+            log_model=log_model,
+            checkpoint_name=checkpoint_name,
+            prefix=prefix,
+            resume="allow",
+            **kwargs,
         )
         self.root, self.run_dir = Path(save_dir) / (name or ""), None
-        given = mode or os.environ.get("WANDB_MODE")
-        if given not in (None, "", "online", "offline", "disabled", "dryrun", "run"):
-            raise UserError(f"W&B mode {given!r} (WANDB_MODE or the logger's mode) must be online, offline or disabled")
         self.mode, self.timeout, self.why = mode, timeout, ""
         self.run_config: dict[str, Any] | None = None
-        self.run_id: str | None = None  # kept when the run is finished: a later start in this fit resumes it
-        self.log_model_as, self.artifact_name, self.checkpoints, self.logged = log_model, checkpoint_name, [], {}
 
     @property
     def save_dir(self) -> str:
@@ -162,68 +190,64 @@ class WandbLogger(LightningWandbLogger):
     def version(self) -> str:
         return ""
 
-    def resume(self, run_id: str) -> None:
-        """Log into the existing run ``run_id`` (a fit resumed from a checkpoint of it, or going on after its run
-        was finished at a SLURM requeue signal that could not requeue)."""
-        if self._experiment is None:
-            self._wandb_init.update(id=run_id, resume="allow")  # private: the kwargs Lightning passes to wandb.init
-
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
-        if self._experiment is None:  # private: Lightning's handle of the open run (None until it starts)
+        if self._experiment is None:  # private: Lightning's handle of the run, None until it starts (or is closed)
             import wandb
 
             planned, self.why = resolve_mode(self.mode)
-            mode = planned
-            if mode == "online" and (problem := unreachable(base_url(), self.timeout)):
-                mode, self.why = "offline", f"{base_url()} did not answer: {problem}"
-            # absolute: wandb resolves a relative dir against the cwd of its first run in this process
-            self._wandb_init.update(dir=os.path.abspath(self.save_dir), mode=mode)
-            self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning always passes it
+            modes = [planned]
+            if planned == "online" and (problem := unreachable(base_url(), self.timeout)):
+                modes, self.why = ["offline"], f"{base_url()} did not answer: {problem}"
+            elif planned == "online":
+                modes.append("offline")  # the server answered, then refused: keep the run, offline
             if wandb.run is not None:  # left open by another logger in this process: never log into it
                 wandb.run.finish()
-            try:
-                run = super().experiment
-            except Exception as err:  # the server answered, then failed: keep the run, offline
-                if mode != "online":
-                    raise
-                mode, self.why = "offline", f"W&B could not start online: {err}"
-                self._wandb_init["mode"] = "offline"
-                run = super().experiment
+            for mode in modes:
+                # private: the arguments Lightning passes to wandb.init; the folder absolute (wandb resolves a
+                # relative one against the cwd of its first run in this process); `anonymous` is deprecated
+                self._wandb_init.update(dir=os.path.abspath(self.save_dir), mode=mode, id=self.run_id, anonymous=None)
+                try:
+                    run = super().experiment
+                    break
+                except Exception as err:
+                    if mode == modes[-1]:
+                        raise
+                    self.why = f"W&B could not start online: {err}"
             if planned != mode:  # say it now, and again where the run ends
                 rank_zero_warn(f"{self.why}; logging offline instead")
             if self.run_config is not None:
-                run.config.update({**self.run_config, "git": git_state()}, allow_val_change=True)
-            self.run_id = run.id
-        return self._experiment
+                run.config.update(self.run_config, allow_val_change=True)
+        return super().experiment
 
     @rank_zero_only
     def log_config(self, config: dict[str, Any]) -> None:
-        """The full resolved CLI config (nested) and the git state go into the run's config when it starts."""
+        """The full resolved CLI config (nested) goes into the run's config, now and whenever it starts again."""
         self.run_config = config
-        if self._experiment is not None:
-            self._experiment.config.update({**config, "git": git_state()}, allow_val_change=True)
+        self.experiment.config.update(config, allow_val_change=True)
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
         if self.run_config is None:  # under the CLI the model's hyperparameters are already in the full config
             super().log_hyperparams(params)
 
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        if checkpoint_callback.monitor != "step":  # last.ckpt (highest step) is for resuming here, not an artifact
+            super().after_save_checkpoint(checkpoint_callback)
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        if status == "success" and self.log_model_as:
-            self.log_checkpoints()
+        super().finalize(status)  # Lightning's log_model: the monitored checkpoints as artifacts
         if status == "failed":
             self.close(exit_code=1)
         elif status == "finished":  # SLURM's requeue signal: write everything before SLURM kills the job
             self.close()
-            if self.run_id:  # if requeueing fails, training goes on in the same run
-                self.resume(self.run_id)
 
     @rank_zero_only
     def close(self, exit_code: int = 0) -> None:
-        """Finish the W&B run (the CLI calls this when its subcommand is done) and say where an offline run is."""
+        """Finish the W&B run (the CLI calls this when its subcommand is done) and say where an offline run is; the
+        next use of ``experiment`` starts the same run again."""
         run, self._experiment = self._experiment, None
         if run is None:
             return
@@ -233,48 +257,26 @@ class WandbLogger(LightningWandbLogger):
         if offline:
             rank_zero_info(f"W&B run saved offline in {run_path} ({self.why}); upload it with: wandb sync {run_path}")
 
-    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
-        """Lightning's hook after each checkpoint save: the checkpoint callbacks whose files become artifacts."""
-        if all(c is not checkpoint_callback for c in self.checkpoints):
-            self.checkpoints.append(checkpoint_callback)
-        if self.log_model_as == "all":
-            self.log_checkpoints()
-
-    @rank_zero_only
-    def log_checkpoints(self) -> None:
-        """Each checkpoint file new since the last call, as a model artifact with the run's ``config.yaml`` and the
-        alias ``best`` (the monitored callback's best) or ``last`` (``last.ckpt``), and ``latest``."""
-        import wandb
-
-        for callback in self.checkpoints:
-            path = Path(callback.best_model_path)
-            if not path.is_file() or self.logged.get(path) == path.stat().st_mtime:
-                continue
-            metadata = {
-                "score": float(callback.best_model_score or 0),
-                "original_filename": path.name,
-                "monitor": callback.monitor,
-                "mode": callback.mode,
-            }
-            artifact = wandb.Artifact(self.artifact_name or f"model-{self.experiment.id}", "model", metadata=metadata)
-            artifact.add_file(str(path), name="model.ckpt")
-            if (Path(self.save_dir) / "config.yaml").is_file():
-                artifact.add_file(str(Path(self.save_dir) / "config.yaml"), name="config.yaml")
-            self.experiment.log_artifact(artifact, aliases=["latest", "last" if path.stem == "last" else "best"])
-            self.logged[path] = path.stat().st_mtime
-
 
 class SaveConfigCallback(LightningSaveConfigCallback):
-    """Saves ``config.yaml`` in the run folder, as Lightning's does; hands the full config to the W&B logger, and
-    keeps the W&B run id in checkpoints (the CLI resumes that run when a fit resumes from one)."""
+    """Saves ``config.yaml`` in the run folder, as Lightning's does, headed by the state of the code (commit,
+    uncommitted changes, untracked files imported); hands the config and that state to the W&B logger."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self.already_saved and trainer.is_global_zero:
+            self.code = code_state()
+            untracked = ", ".join(f"{p} (sha256 {h})" for p, h in self.code["untracked"].items()) or "none"
+            changes = " with uncommitted changes" if self.code["dirty"] else ""
+            self.parser.dump_header = [
+                *(self.parser.dump_header or [])[:1],  # Lightning's version line
+                f"code: commit {self.code['commit']}{changes}; untracked files imported: {untracked}",
+            ]
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+
         config = json.loads(json.dumps(self.config.clone().as_dict(), default=str))
         config.pop("config", None)  # the paths of the YAML files given, not values
+        config["code"] = {k: v for k, v in self.code.items() if k != "commit"}  # wandb records the commit
         for logger in (lg for lg in trainer.loggers if isinstance(lg, WandbLogger)):
             logger.log_config(config)
-
-    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        for logger in (lg for lg in trainer.loggers if isinstance(lg, WandbLogger)):
-            if trainer.is_global_zero and logger.run_id:  # not .experiment: that would start a finished run again
-                checkpoint["wandb_run_id"] = logger.run_id

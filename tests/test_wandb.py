@@ -55,7 +55,7 @@ def test_fit_then_test_offline_run_read_back(mnist_root, tmp_path, monkeypatch):
     assert config["data"]["init_args"]["batch_size"] == 50 and config["trainer"]["max_epochs"] == 2
     assert config["trainer"]["logger"]["init_args"]["tags"] == ["smoke", "cpu"] and "net" not in config
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert config["git"]["commit"] == head and isinstance(config["git"]["dirty"], bool)
+    assert run["commit"] == head and isinstance(config["code"]["dirty"], bool)  # wandb's own record of the commit
     summary = run["summary"]
     assert summary["val/acc"] == pytest.approx(float(cli.trainer.callback_metrics["val/acc"])) and summary["epoch"] == 1
     assert summary["val/acc_best"] == pytest.approx(float(cli.config_init.fit.checkpoint.best_model_score))
@@ -70,9 +70,11 @@ def test_fit_then_test_offline_run_read_back(mnist_root, tmp_path, monkeypatch):
     correct = [row[4] for row in table["data"]]
     assert len(correct) == 8 and correct == sorted(correct), "misclassified first"
     models = {alias: a for a in run["artifacts"] if a["type"] == "model" for alias in a["aliases"]}
-    assert models["best"]["metadata"]["original_filename"] == Path(cli.config_init.fit.checkpoint.best_model_path).name
-    assert models["last"]["metadata"]["original_filename"] == "last.ckpt"
-    assert all(a["files"] == {"model.ckpt", "config.yaml"} for a in models.values())
+    best = Path(cli.config_init.fit.checkpoint.best_model_path).name  # Lightning's log_model: the monitored one
+    assert models["best"]["metadata"]["original_filename"] == best and models["latest"] is models["best"]
+    logged = [a["metadata"]["original_filename"] for a in run["artifacts"] if a["type"] == "model"]
+    assert logged == [best]  # last.ckpt stays local
+    assert models["best"]["files"] == {"model.ckpt"}
     tested = cli_main(
         ["test", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={run_dir / 'checkpoints/last.ckpt'}"]
     )
