@@ -206,8 +206,10 @@ class WandbLogger(LightningWandbLogger):
                 wandb.run.finish()
             for mode in modes:
                 # private: the arguments Lightning passes to wandb.init; the folder absolute (wandb resolves a
-                # relative one against the cwd of its first run in this process); `anonymous` is deprecated
-                self._wandb_init.update(dir=os.path.abspath(self.save_dir), mode=mode, id=self.run_id, anonymous=None)
+                # relative one against the cwd of its first run in this process); `anonymous` is deprecated in wandb
+                self._wandb_init = {k: v for k, v in self._wandb_init.items() if k != "anonymous"} | dict(
+                    dir=os.path.abspath(self.save_dir), mode=mode, id=self.run_id
+                )
                 try:
                     run = super().experiment
                     break

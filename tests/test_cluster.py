@@ -178,7 +178,7 @@ def parts(folder: Path) -> list[dict]:
 
 
 def train_steps(run: dict) -> list[int]:
-    return [row["trainer/global_step"] for row in run["history"] if "train/loss" in row]
+    return [row["trainer/global_step"] for row in run["history"] if "train/loss_step" in row]
 
 
 @pytest.fixture(scope="module")
