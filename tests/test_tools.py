@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from torchvision import datasets
 
-from extras import compress, export, load_trained
+from extras import compress, export, load_trained, serve
 from extras.distill import distillation_loss
 from extras.export import read_metadata
 from project.data.images import RULE, read_image
@@ -365,7 +365,7 @@ def write_bad(kind: str, folder: Path) -> Path:
     return path
 
 
-TOOLS = {"export": export, "compress": compress}
+TOOLS = {"export": export, "compress": compress, "serve": serve}
 
 
 @pytest.mark.parametrize("tool", [*TOOLS, "teacher"])
