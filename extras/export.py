@@ -119,10 +119,10 @@ def save(module: Probabilities, format: Format, file: IO[bytes], example: Tensor
             )
     except (ImportError, UserError):
         raise
-    except Exception as err:  # noqa: BLE001 - torch.export refuses code it cannot capture in many ways
+    except Exception as err:  # noqa: BLE001 - torch.export and the ONNX translation refuse code in many ways
         net = type(module.model.net).__name__
         reason = " ".join(str(err).split())[:300]
-        raise UserError(f"torch.export cannot capture the net {net} ({type(err).__name__}: {reason})") from err
+        raise UserError(f"cannot export the net {net} to {format} ({type(err).__name__}: {reason})") from err
     for key, value in meta.items():
         onnx_program.model.metadata_props[key] = value if isinstance(value, str) else json.dumps(value)
     file.write(onnx_program.model_proto.SerializeToString())

@@ -92,6 +92,15 @@ def served(*args: str, cwd: Path, wait: float = 180) -> Iterator[str]:
     assert out.startswith("serving "), out
 
 
+def answers_once(args: list[str], cwd: Path) -> None:
+    """The README runner's way to run a serve command: start it, classify one PNG file, stop it."""
+    png = io.BytesIO()
+    Image.new("L", (28, 28)).save(png, "PNG")
+    with served(*args, cwd=cwd) as url:
+        status, body = request(url + "/predict", image_json(png.getvalue()))
+        assert status == 200 and json.loads(body)["top"], body
+
+
 def up(url: str) -> bool:
     try:
         return request(url + "/health")[0] == 200
