@@ -76,7 +76,7 @@ class ImageClassifierAPI(ls.LitAPI):
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the server stops the workers
         self.read_image, self.torch, path = read_image, torch, self.path
-        if device == "cpu":
+        if device == "cpu":  # half the cores: the API processes need the rest (busy torch threads starve them)
             torch.set_num_threads(self.limits["threads"])
         self.monitor = WorkerMetrics(self.max_batch_size, self.limits["window"])
         if self.kind == "ckpt":
@@ -314,7 +314,7 @@ def serve(
             "ckpt" if ckpt_path else Path(model).suffix[1:],
             str(Path(ckpt_path or model).resolve()),
             feeding,
-            {"max_pixels": max_pixels, "window": window, "threads": max(1, (os.cpu_count() or 1) // workers)},
+            {"max_pixels": max_pixels, "window": window, "threads": max(1, (os.cpu_count() or 1) // (2 * workers))},
             max_batch_size=max_batch_size,
             batch_timeout=batch_timeout,
         )
