@@ -143,9 +143,9 @@ def special_files(image_root: Path, folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def files(image_root, tmp_path_factory) -> tuple[Path, list[Path]]:
-    """A folder of unlabelled PNG and JPEG files (RGB, grayscale, another size) as a user would send them, and the
-    special files (kept in another folder)."""
+def files(image_root, tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
+    """A folder of unlabelled PNG and JPEG files (RGB, grayscale, another size) as a user would send them, those
+    files, and the special files (kept in another folder)."""
     folder, other = tmp_path_factory.mktemp("to-serve"), tmp_path_factory.mktemp("special")
     for kind in ("disk", "red", "stripes"):
         for i, path in enumerate(sorted((image_root / kind).glob("*.png"))[:2]):
@@ -154,7 +154,7 @@ def files(image_root, tmp_path_factory) -> tuple[Path, list[Path]]:
                 image.convert("RGB").save(folder / f"{kind}{i}.jpg", quality=90)
                 if i == 0:
                     image.convert("L").resize((31, 29)).save(folder / f"{kind}-gray.png")
-    return folder, special_files(image_root, other)
+    return folder, sorted(folder.iterdir()), special_files(image_root, other)
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +185,10 @@ def predict_csv(run: Path, images: Path) -> dict[str, dict[str, str]]:
 
 def test_served_answers_are_what_predict_gives_for_the_same_files(server, folder_model, files):
     url, _ = server
-    folder, special = files
+    folder, paths, special = files
     rows = predict_csv(folder_model, folder)
-    assert len(rows) == len(list(folder.iterdir())) == 15
-    for path in sorted(folder.iterdir()):
+    assert len(rows) == len(paths) == 15
+    for path in paths:
         status, body = request(url + "/predict", image_json(path.read_bytes()))
         answer = json.loads(body)
         assert status == 200, body
@@ -214,7 +214,7 @@ def test_the_readme_curl_example_is_answered(server, files):
     """The README's curl line, with a file of ours and the test server's address."""
     url, _ = server
     line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "curl" in x and "/predict" in x)
-    path = sorted(files[0].iterdir())[0]
+    path = files[1][0]
     done = subprocess.run(
         ["bash", "-c", line.replace("shoe.png", str(path)).replace("http://127.0.0.1:8000", url)],
         capture_output=True,
@@ -240,7 +240,7 @@ def metrics(url: str) -> dict[str, dict]:
 
 def test_32_concurrent_clients_are_all_answered_in_shared_batches(server, files):
     url, _ = server
-    paths = sorted(files[0].iterdir())
+    paths = files[1]
     before = metrics(url)
     expected = {p.name: json.loads(request(url + "/predict", image_json(p.read_bytes()))[1]) for p in paths}
     start, answers = threading.Barrier(32), [None] * 32
@@ -298,7 +298,7 @@ def png_bomb(width: int, height: int) -> bytes:
 
 def test_each_bad_request_gets_its_4xx_and_the_next_good_one_is_answered(server, files, folder_model):
     url, cwd = server
-    good = sorted(files[0].iterdir())[0]
+    good = files[1][0]
     expected = json.loads(request(url + "/predict", image_json(good.read_bytes()))[1])
     jpeg = io.BytesIO()
     Image.new("RGB", (400, 300), "red").save(jpeg, "JPEG")
@@ -333,7 +333,7 @@ def test_exported_models_give_the_answers_of_their_checkpoint(server, folder_mod
     """``--model FILE``: what a worker does with a .pt2 or .onnx file (its metadata says how to read images), run
     here in-process on one batch; the HTTP side is the one tested above."""
     url, _ = server
-    bodies = [image_json(p.read_bytes()) for p in [*sorted(files[0].iterdir())[:4], *files[1]]]
+    bodies = [image_json(p.read_bytes()) for p in [*files[1][:4], *files[2]]]
     expected = [json.loads(request(url + "/predict", body)[1]) for body in bodies]
     interrupt = signal.getsignal(signal.SIGINT)  # a worker ignores Ctrl+C (its server stops it): not this process
     try:
