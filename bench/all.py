@@ -30,6 +30,7 @@ SECTIONS = [
     ("data_path", "Data path", "render", "summary"),
     ("distill", "Distillation", "render", "summary"),
     ("quantize", "int8 quantization", "render", "summary"),
+    ("serve", "Serving", "render", "summary"),
     ("gpu", "GPU", "render", "summary"),
 ]
 SCRIPTS = list(dict.fromkeys(s for s, *_ in SECTIONS))

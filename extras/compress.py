@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from extras import command_line
-from extras.export import INPUT, image_shape, load_classifier, write_checked
+from extras import command_line, load_trained
+from extras.export import INPUT, image_shape, trained_background, write_checked
 from project.errors import UserError, require
 
 
@@ -126,7 +126,7 @@ def quantize(
     ckpt = Path(ckpt_path)
     out = Path(output_dir) if output_dir else ckpt.with_name(f"{ckpt.stem}.int8")
     require(not out.exists(), f"{out} exists and is never written into; choose another --output_dir")
-    model = load_classifier(ckpt)  # one line for a missing, damaged or hostile checkpoint, before anything else
+    model = load_trained(ckpt, "compress", channels_last=False)  # one line for a bad checkpoint, before anything
     config = Path(run_config) if run_config else ckpt.resolve().parents[1] / "config.yaml"
     data = load_data(config, data_dir, eval_batch_size)
     require(
@@ -143,7 +143,7 @@ def quantize(
     partial.mkdir()
     try:
         fp32, int8 = partial / "model.onnx", partial / "model.int8.onnx"
-        write_checked(model, "onnx", fp32)
+        write_checked(model, "onnx", fp32, background=trained_background(ckpt, model))
         with without_preprocessing_advice():
             quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=per_channel)
         final = {name: out / name for name in ("model.onnx", "model.int8.onnx", "quantization.json")}

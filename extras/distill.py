@@ -28,11 +28,10 @@ class DistillationClassifier(ImageClassifier):
     """An ``ImageClassifier`` trained on ``alpha * soft + (1 - alpha) * hard``: soft is the distillation loss against
     a frozen teacher, hard the usual cross-entropy with the labels. Validation, test and predict are unchanged.
 
-    The teacher is the whole classifier of a ``python -m project fit`` checkpoint (read weights-only, rebuilt from
-    its hyperparameters by ``extras.export.load_classifier``), so it normalizes the raw batches with its own
-    mean and std, whatever the student's are. It is frozen, in eval mode, moved to the student's device, and not a
-    submodule: the student's checkpoint holds the student alone and loads and exports like any other (without the
-    teacher file).
+    The teacher is the whole classifier of a ``python -m project fit`` checkpoint (loaded weights-only by Lightning,
+    ``extras.load_trained``), so it normalizes the raw batches with its own mean and std, whatever the student's
+    are. It is frozen, in eval mode, moved to the student's device, and not a submodule: the student's checkpoint
+    holds the student alone and loads and exports like any other (without the teacher file).
 
     Args:
         net: the student.
@@ -67,9 +66,9 @@ class DistillationClassifier(ImageClassifier):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: stays out of the student's state_dict
 
     def load_teacher(self, path: str) -> ImageClassifier:
-        from extras.export import load_classifier
+        from extras import load_trained
 
-        teacher = load_classifier(path, channels_last=None)
+        teacher = load_trained(path, "distillation (--model.init_args.teacher_ckpt)")
         require(
             teacher.num_classes == self.num_classes,
             f"the teacher {path} has {teacher.num_classes} classes, the data {self.num_classes}; "

@@ -1,96 +1,47 @@
-"""Export a checkpoint's whole inference path to ONNX or TorchScript: uint8 images in, class probabilities out.
+"""Export a checkpoint's whole inference path as ONNX or a torch.export program: uint8 images in, probabilities out.
 
-    python -m extras.export --ckpt_path runs/fashion_mnist/version_0/checkpoints/last.ckpt --format onnx
+    python -m extras.export --ckpt_path runs/fashion_mnist/version_0/checkpoints/last.ckpt
+    python -m extras.export --ckpt_path runs/fashion_mnist/version_0/checkpoints/last.ckpt --format pt2
 
-The exported graph is the classifier's own ``forward`` plus a softmax: it takes raw pixels, uint8 (N, C, H, W) in
-[0, 255] with any batch size N, scales and normalizes them itself (the checkpoint's mean and std are folded in),
-and returns probabilities (N, num_classes). Everything a user needs to feed it travels inside the file (ONNX
-``metadata_props``; TorchScript extra file ``metadata.json``): class names, input shape (C, H, W), dtype and range,
-channel order (PIL mode ``L`` or ``RGB``), the resize rule and, for information only, mean and std.
+The exported graph is the classifier's own ``forward`` plus a softmax, captured by ``torch.export`` (ONNX through
+the torch.export-based exporter): it takes raw pixels, uint8 (N, C, H, W) in [0, 255] with any batch size N,
+scales and normalizes them itself (the checkpoint's mean and std are folded in), and returns probabilities
+(N, num_classes). A ``.pt2`` file loads with ``torch.export.load`` alone, an ``.onnx`` file with any ONNX runtime.
+Everything a user needs to feed it travels inside the file (ONNX ``metadata_props``; the ``.pt2`` extra file
+``metadata.json``): class names, input shape (C, H, W), dtype and range, the image mode (``L`` or ``RGB``), the
+background colour and the whole image rule of ``project.data.images`` (how training read image files), and, for
+information only, mean and std.
 
-The checkpoint is read weights-only and the classifier rebuilt from its hyperparameters (:func:`load_classifier`),
-so any checkpoint of ``python -m project fit`` exports the same way (a distilled student, a pruned model). The
-exported model is checked against PyTorch on a random uint8 batch of another batch size before it is put in place
-(atomically); a failed check writes nothing, and an existing file is replaced only with ``--overwrite true``.
+The classifier is loaded by Lightning (:func:`extras.load_trained`), so any checkpoint of ``python -m project fit``
+exports the same way (a distilled student, a pruned model, a net from the user's own file). The exported model is
+checked against PyTorch on a random uint8 batch of another batch size before it is put in place (atomically); a
+failed check writes nothing, and an existing file is replaced only with ``--overwrite true``.
 """
 
+import inspect
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 
-from extras import command_line
-from project.checkpoint_io import load_checkpoint
+from extras import command_line, load_trained
+from project.data.images import RULE, read_image, rgb
 from project.errors import UserError, require
+from project.files import atomic_write
 from project.models.classifier import ImageClassifier
 
-Format = Literal["onnx", "torchscript"]
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+Format = Literal["onnx", "pt2"]
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2"}
 INPUT, OUTPUT = "images", "probabilities"
 MODES = {1: "L", 3: "RGB"}  # PIL modes: the channel order the data modules read images in
-
-
-def build_net(config: Any, where: str) -> nn.Module:
-    """The net of a checkpoint's ``net`` config (``{class_path, init_args}``); only ``nn.Module`` classes."""
-    from jsonargparse import ArgumentParser
-
-    require(
-        isinstance(config, dict) and isinstance(config.get("class_path"), str),
-        f"{where} holds no net config (hyper_parameters.net with a class_path); pass a checkpoint written by "
-        f"`python -m project fit`",
-    )
-    config = {"class_path": config["class_path"], "init_args": dict(config.get("init_args") or {})}
-    if "pretrained_weights" in config["init_args"]:  # the checkpoint has the trained weights: read no other file
-        config["init_args"]["pretrained_weights"] = None
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--net", type=nn.Module)  # refuses a class_path that is not an nn.Module
-    try:
-        return parser.instantiate(parser.parse_object({"net": config})).net
-    except Exception as err:  # noqa: BLE001 - an unknown class, bad init_args, a net that fails to build
-        reason = " ".join(str(err).split())[:200]
-        raise UserError(f"{where}: cannot build its net {config['class_path']} ({reason})") from err
-
-
-def load_classifier(ckpt_path: str | os.PathLike, channels_last: bool | None = False) -> ImageClassifier:
-    """The trained classifier of a ``python -m project fit`` checkpoint, in eval mode with gradients off.
-
-    The file is read weights-only (``project.checkpoint_io.load_checkpoint``: one-line errors for missing, damaged,
-    hostile or foreign files); the classifier is rebuilt as a plain :class:`ImageClassifier` from the checkpoint's
-    hyperparameters (net, classes, image shape, mean, std) whatever class trained it, and the net's weights loaded.
-    ``channels_last``: the memory layout of its convolutions (None: as trained).
-    """
-    where = str(ckpt_path)
-    checkpoint = load_checkpoint(ckpt_path, mmap=True)  # mmap: a non-zip file is one clear "not readable" line
-    hparams, state = checkpoint.get("hyper_parameters"), checkpoint["state_dict"]
-    require(isinstance(hparams, dict), f"{where} has no hyper_parameters; pass a checkpoint of `python -m project fit`")
-    require(isinstance(state, dict), f"{where}: its state_dict is not a dict of weights; the file is damaged")
-    net = build_net(hparams.get("net"), where)
-    init_args = hparams["net"].get("init_args") or {}
-    options = {key: hparams.get(key) for key in ("num_classes", "class_names", "image_shape", "mean", "std")}
-    options["image_shape"] = options["image_shape"] or init_args.get("input_shape")
-    options["num_classes"] = options["num_classes"] or init_args.get("num_classes") or 10
-    options["channels_last"] = bool(hparams.get("channels_last")) if channels_last is None else channels_last
-    try:
-        with warnings.catch_warnings():  # the net is given as an object on purpose; ImageClassifier drops it
-            warnings.filterwarnings("ignore", message=r"Attribute 'net' is an instance of `nn.Module`")
-            model = ImageClassifier(net, **options)
-    except UserError as err:
-        raise UserError(f"{where}: {err}") from err
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise UserError(f"{where}: malformed hyperparameters ({type(err).__name__}: {err})") from err
-    weights = {k.removeprefix("net."): v for k, v in state.items() if isinstance(k, str) and k.startswith("net.")}
-    try:
-        model.net.load_state_dict(weights)
-    except Exception as err:  # noqa: BLE001 - missing/unexpected keys, shapes, non-tensor values
-        reason = " ".join(str(err).split())[:200]
-        raise UserError(f"{where}: its weights do not fit its own net config ({reason}); the file is damaged") from err
-    return model.eval().requires_grad_(False)
+METADATA = "metadata.json"  # the .pt2 file's extra file
+WHITE = inspect.signature(read_image).parameters["background"].default
 
 
 class Probabilities(nn.Module):
@@ -113,10 +64,28 @@ def image_shape(model: ImageClassifier) -> tuple[int, int, int]:
     return tuple(int(s) for s in shape)
 
 
-def metadata(model: ImageClassifier) -> dict[str, Any]:
+def trained_background(ckpt_path: str | os.PathLike, model: ImageClassifier) -> str:
+    """The colour transparent pixels were composited onto in training: the model's ``background`` hyperparameter,
+    else the data section's in the run's ``config.yaml`` (``<run>/checkpoints/x.ckpt`` -> ``<run>/config.yaml``),
+    else read_image's default."""
+    if model.hparams.get("background"):
+        return str(model.hparams["background"])
+    try:
+        config = yaml.safe_load((Path(ckpt_path).resolve().parents[1] / "config.yaml").read_text())
+        background = config["data"]["init_args"]["background"]
+    except (OSError, IndexError, KeyError, TypeError, yaml.YAMLError):
+        return WHITE
+    return str(background) if background else WHITE
+
+
+def metadata(model: ImageClassifier, background: str = WHITE) -> dict[str, Any]:
     """How to feed the exported model, stored inside the file."""
     c, h, w = image_shape(model)
-    mode = MODES.get(c)
+    mode = MODES.get(c, f"{c} channels")
+    try:
+        rgb(background)
+    except ValueError as err:
+        raise UserError(f"background {background!r} is not a colour (a name or #rrggbb)") from err
     return {
         "class_names": list(model.class_names),
         "input_name": INPUT,
@@ -124,10 +93,9 @@ def metadata(model: ImageClassifier) -> dict[str, Any]:
         "input_layout": "NCHW, any batch size N",
         "input_dtype": "uint8",
         "input_range": [0, 255],
-        "image_mode": mode or f"{c} channels",
-        "channel_order": {"L": "L (grayscale)", "RGB": "RGB"}.get(mode, f"{c} channels"),
-        "resize": f"bilinear to {h}x{w} (height x width), after converting to the image mode: "
-        f"PIL Image.open(f).convert(image_mode).resize(({w}, {h}), Image.BILINEAR)",
+        "image_mode": mode,
+        "background": background,
+        "image_rule": f"{RULE}; here: background {background}, image mode {mode}, {h}x{w} (height x width)",
         "mean": [float(v) for v in model.mean.flatten()],
         "std": [float(v) for v in model.std.flatten()],
         "normalization": "inside the model ((pixels / 255 - mean) / std): feed raw uint8 pixels; mean and std "
@@ -137,51 +105,27 @@ def metadata(model: ImageClassifier) -> dict[str, Any]:
     }
 
 
-def write_model(module: Probabilities, format: Format, path: Path, example: Tensor, meta: dict[str, Any]) -> None:
-    # torch marks TorchScript and the TorchScript-based ONNX exporter deprecated; both still work, while the
-    # torch.export-based ONNX exporter needs the extra onnxscript package.
-    classifier = module.model
-    classifier._jit_is_scripting = True  # Lightning's own flag for tracing: no trainer lookups on the module
+def save(module: Probabilities, format: Format, file: IO[bytes], example: Tensor, meta: dict[str, Any]) -> None:
+    """``module`` captured by torch.export with a dynamic batch size, written to ``file`` with ``meta`` inside."""
+    shapes = {INPUT: {0: torch.export.Dim("batch", min=1)}}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            if format == "torchscript":
-                with torch.no_grad():
-                    traced = torch.jit.trace(module, example)
-                torch.jit.save(traced, str(path), _extra_files={"metadata.json": json.dumps(meta)})
+        with torch.no_grad():
+            if format == "pt2":
+                program = torch.export.export(module, (example,), dynamic_shapes=shapes)
+                torch.export.save(program, file, extra_files={METADATA: json.dumps(meta)})
                 return
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                input_names=[INPUT],
-                output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                opset_version=17,
-                dynamo=False,
+            onnx_program = torch.onnx.export(
+                module, (example,), input_names=[INPUT], output_names=[OUTPUT], dynamic_shapes=shapes, verbose=False
             )
-    finally:
-        classifier._jit_is_scripting = False
-    import onnx
-
-    model = onnx.load(str(path))
+    except (ImportError, UserError):
+        raise
+    except Exception as err:  # noqa: BLE001 - torch.export and the ONNX translation refuse code in many ways
+        net = type(module.model.net).__name__
+        reason = " ".join(str(err).split())[:300]
+        raise UserError(f"cannot export the net {net} to {format} ({type(err).__name__}: {reason})") from err
     for key, value in meta.items():
-        model.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
-    onnx.save(model, str(path))
-
-
-def run_exported(path: Path, format: Format, images: np.ndarray) -> np.ndarray:
-    """The exported model's output for uint8 ``images``, run as a user would (onnxruntime or torch.jit.load)."""
-    if format == "torchscript":
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu")(torch.from_numpy(images)).numpy()
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {INPUT: images})[0]
+        onnx_program.model.metadata_props[key] = value if isinstance(value, str) else json.dumps(value)
+    file.write(onnx_program.model_proto.SerializeToString())
 
 
 def write_checked(
@@ -192,6 +136,7 @@ def write_checked(
     batch_size: int = 2,
     check_batch_size: int = 5,
     atol: float = 1e-5,
+    background: str = WHITE,
 ) -> float:
     """Export ``model`` to ``out``; returns the largest probability difference to PyTorch. Nothing is written when
     the check fails or ``out`` exists (unless ``overwrite``)."""
@@ -203,23 +148,34 @@ def write_checked(
     generator = torch.Generator().manual_seed(0)
     example = torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8, generator=generator)
     check = torch.randint(0, 256, (check_batch_size, *shape), dtype=torch.uint8, generator=generator)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        write_model(module, format, partial, example, metadata(model))
+    meta = metadata(model, background)
+    with atomic_write(out) as file:
+        save(module, format, file, example, meta)
+        file.flush()
         with torch.no_grad():
             expected = module(check).numpy()
-        got = run_exported(partial, format, check.numpy())
+        got = (run_onnx if format == "onnx" else run_pt2)(file.name, check.numpy())
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
         if not diff <= atol:
             raise UserError(
                 f"the {format} export differs from PyTorch on a batch of {check_batch_size}: max |probability "
                 f"difference| {diff:.3g} > --atol {atol}; nothing written"
             )
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
     return diff
+
+
+def run_onnx(path: str | os.PathLike, images: np.ndarray) -> np.ndarray:
+    """An ONNX model's output for uint8 ``images``, with ONNX Runtime on the CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {INPUT: images})[0]
+
+
+def run_pt2(path: str | os.PathLike, images: np.ndarray) -> np.ndarray:
+    """A torch.export program's output for uint8 ``images``, loaded with ``torch.export.load``."""
+    with open(path, "rb") as f, torch.no_grad():  # a file object: the partial file's name does not end in .pt2
+        return torch.export.load(f).module()(torch.from_numpy(images)).numpy()
 
 
 def export(
@@ -235,10 +191,10 @@ def export(
 
     Args:
         ckpt_path: a checkpoint written by ``python -m project fit``.
-        format: ``onnx`` or ``torchscript``.
-        output: the file to write; default: next to the checkpoint, ``<name>.onnx`` or ``<name>.pt``.
+        format: ``onnx`` or ``pt2`` (a ``torch.export`` program).
+        output: the file to write; default: next to the checkpoint, ``<name>.onnx`` or ``<name>.pt2``.
         overwrite: replace ``output`` if it exists.
-        batch_size: batch size of the example used for tracing (the exported batch size is dynamic).
+        batch_size: batch size of the example used for capturing (the exported batch size is dynamic).
         check_batch_size: batch size of the parity check, another one on purpose.
         atol: largest allowed absolute difference of probabilities between PyTorch and the exported model.
 
@@ -247,8 +203,9 @@ def export(
     """
     out = Path(output) if output else Path(ckpt_path).with_suffix(SUFFIX.get(format, ""))
     require(not out.exists() or overwrite, f"{out} exists; choose another --output or pass --overwrite true")
-    model = load_classifier(ckpt_path)
-    diff = write_checked(model, format, out, overwrite, batch_size, check_batch_size, atol)
+    model = load_trained(ckpt_path, "export", channels_last=False)  # plain layout: the graph needs no reordering
+    background = trained_background(ckpt_path, model)
+    diff = write_checked(model, format, out, overwrite, batch_size, check_batch_size, atol, background)
     c, h, w = image_shape(model)
     print(
         f"wrote {out} ({format}: uint8 images (N, {c}, {h}, {w}) -> probabilities of {model.num_classes} classes; "
@@ -258,24 +215,29 @@ def export(
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata stored in an exported file (ONNX or TorchScript), values decoded."""
+    """The metadata stored in an exported file (``.onnx`` or ``.pt2``), values decoded."""
     path = Path(path)
-    if path.suffix == ".onnx":
+    require(path.suffix in (".onnx", ".pt2"), f"{path} is not an exported model; pass a .onnx or .pt2 file")
+    require(path.is_file(), f"exported model not found: {path}")
+    try:
+        if path.suffix == ".pt2":
+            extra = {METADATA: ""}
+            torch.export.load(str(path), extra_files=extra)
+            return json.loads(extra[METADATA])
         import onnx
 
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        decoded = {}
-        for key, value in props.items():
-            try:
-                decoded[key] = json.loads(value)
-            except json.JSONDecodeError:
-                decoded[key] = value
-        return decoded
-    extra = {"metadata.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra["metadata.json"])
+    except (ImportError, UserError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file: each reader raises its own types
+        raise UserError(f"{path} is not a readable exported model ({type(err).__name__}); export it again") from err
+    decoded = {}
+    for key, value in props.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value
+    return decoded
 
 
 def main(args: Sequence[str] | None = None) -> None:

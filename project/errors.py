@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-OPTIONAL = {"onnx": "export", "tensorboard": "tensorboard"}  # package name in the message: pyproject's extra
+# package name in the message: pyproject's extra
+OPTIONAL = {"onnx": "export", "tensorboard": "tensorboard", "litserve": "serve", "prometheus_client": "serve"}
 
 
 class UserError(Exception):

@@ -115,7 +115,12 @@ def main(folder: str) -> None:
         out = open(output, "w") if output else sys.stdout  # noqa: SIM115
         try:
             with redirect_stdout(out):
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
+                if module == "extras.serve":  # a server runs until stopped: started, asked once, stopped
+                    from tests.test_serve import answers_once
+
+                    answers_once(args, Path(folder))
+                else:
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as exit:
             if exit.code not in (0, None):
                 print(f"failed ({exit.code}): python -m {module} {shlex.join(args)}")

@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -18,12 +19,14 @@ from PIL import Image
 from torch import nn
 from torchvision import datasets
 
-from extras import compress, export
+from extras import compress, export, load_trained, serve
 from extras.distill import distillation_loss
-from extras.export import load_classifier, read_metadata
+from extras.export import read_metadata
+from project.data.images import RULE, read_image
 from project.errors import UserError
 from project.models import ImageClassifier
 from tests.conftest import CONFIGS, CSV, ROOT, error_line, fails, fit, run_module
+from tests.test_readme import shown_files
 
 FMNIST_CLASSES = datasets.FashionMNIST.classes  # torchvision's names, which the data module gives too
 README = ROOT / "README.md"
@@ -63,19 +66,30 @@ def fixture_test_set(mnist_root: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.data.numpy()[:, None], data.targets.numpy()
 
 
-def test_onnx_takes_raw_uint8_images_of_any_batch_size_and_says_how_to_feed_it(teacher, mnist_root, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def exports(teacher, tmp_path_factory) -> dict[str, Path]:
+    """The teacher exported once in each format, as ``python -m extras.export`` writes it."""
+    folder = tmp_path_factory.mktemp("exports")
+    return {f: export.export(str(teacher[0]), f, str(folder / f"model.{f}")) for f in ("onnx", "pt2")}
+
+
+def test_onnx_takes_raw_uint8_images_of_any_batch_size_and_says_how_to_feed_it(teacher, exports, mnist_root):
     ckpt, test_accuracy = teacher
-    export.main(["--ckpt_path", str(ckpt), "--output", str(tmp_path / "model.onnx")])
-    assert f"wrote {tmp_path / 'model.onnx'} (onnx: uint8 images (N, 1, 28, 28)" in capsys.readouterr().out
-    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no partial file left behind
-    meta = read_metadata(tmp_path / "model.onnx")
+    meta = read_metadata(exports["onnx"])
     assert meta["class_names"] == FMNIST_CLASSES and meta["input_shape"] == [1, 28, 28]
-    assert (meta["input_dtype"], meta["input_range"], meta["image_mode"]) == ("uint8", [0, 255], "L")
-    assert "bilinear to 28x28" in meta["resize"] and ".resize((28, 28), Image.BILINEAR)" in meta["resize"]
+    assert (meta["input_dtype"], meta["input_range"], meta["image_mode"], meta["background"]) == (
+        "uint8",
+        [0, 255],
+        "L",
+        "white",
+    )
+    assert meta["image_rule"].startswith(RULE) and meta["image_rule"].endswith(
+        "background white, image mode L, 28x28 (height x width)"
+    )
     assert meta["mean"] == pytest.approx([0.2860]) and meta["std"] == pytest.approx([0.3530])
-    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(exports["onnx"]), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(uint8)"
-    model = load_classifier(ckpt)
+    model = load_trained(ckpt, "test")
     for n in (1, 7):
         images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
         probabilities = session.run(None, {"images": images.numpy()})[0]
@@ -89,25 +103,47 @@ def test_onnx_takes_raw_uint8_images_of_any_batch_size_and_says_how_to_feed_it(t
     assert (predicted == labels).mean() == pytest.approx(test_accuracy, abs=1e-6)
 
 
-def test_torchscript_takes_raw_uint8_images_and_carries_the_metadata(teacher, tmp_path):
-    ckpt, _ = teacher
-    out = export.export(str(ckpt), format="torchscript", output=str(tmp_path / "model.pt"))
-    meta = read_metadata(out)
-    assert meta["class_names"] == FMNIST_CLASSES and meta["image_mode"] == "L" and meta["input_dtype"] == "uint8"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated; it still loads
-        scripted = torch.jit.load(str(out))
-    model = load_classifier(ckpt)
-    for n in (3, 6):
+def test_a_torch_export_program_takes_raw_uint8_images_and_carries_the_metadata(teacher, exports):
+    meta = read_metadata(exports["pt2"])
+    assert meta == read_metadata(exports["onnx"])
+    program = torch.export.load(exports["pt2"]).module()
+    model = load_trained(teacher[0], "test")
+    for n in (1, 6):
         images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
         with torch.no_grad():
-            torch.testing.assert_close(scripted(images), model(images).softmax(-1), atol=1e-5, rtol=0)
+            torch.testing.assert_close(program(images), model(images).softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_exports_load_and_run_in_a_process_that_cannot_import_this_project(teacher, exports, tmp_path):
+    for path in exports.values():
+        shutil.copy(path, tmp_path)
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    np.save(tmp_path / "images.npy", images.numpy())
+    code = """
+import sys
+sys.modules.update(project=None, extras=None, tests=None)  # importing any of them now fails
+import json, numpy as np, onnxruntime, torch
+images, extra = np.load("images.npy"), {"metadata.json": ""}
+with torch.no_grad():
+    np.save("pt2.npy", torch.export.load("model.pt2", extra_files=extra).module()(torch.from_numpy(images)).numpy())
+session = onnxruntime.InferenceSession("model.onnx")
+np.save("onnx.npy", session.run(None, {"images": images})[0])
+names = json.loads(session.get_modelmeta().custom_metadata_map["class_names"])
+print(json.loads(extra["metadata.json"])["image_mode"], names[9])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split() == ["L", "Ankle", "boot"] and not done.stderr, done.stderr
+    with torch.no_grad():
+        expected = load_trained(teacher[0], "test")(images).softmax(-1).numpy()
+    for format in ("pt2", "onnx"):
+        np.testing.assert_allclose(np.load(tmp_path / f"{format}.npy"), expected, atol=1e-5, rtol=0)
 
 
 def test_failed_parity_or_an_existing_output_writes_nothing(teacher, tmp_path, capsys):
     ckpt, _ = teacher
     with pytest.raises(UserError, match="differs from PyTorch on a batch of 5"):
-        export.export(str(ckpt), output=str(tmp_path / "bad.onnx"), atol=-1.0)
+        export.export(str(ckpt), format="pt2", output=str(tmp_path / "bad.pt2"), atol=-1.0)
     assert list(tmp_path.iterdir()) == []
     kept = tmp_path / "model.onnx"
     kept.write_text("an earlier file")
@@ -119,6 +155,7 @@ def test_failed_parity_or_an_existing_output_writes_nothing(teacher, tmp_path, c
     assert kept.read_text() == "an earlier file"
     done = run_module("extras.export", "--ckpt_path", str(ckpt), "--output", str(kept), "--overwrite", "true")
     assert done.returncode == 0 and not done.stderr, done.stderr  # the command as a user runs it: no warning either
+    assert done.stdout.startswith(f"wrote {kept} (onnx: uint8 images (N, 1, 28, 28) -> probabilities of 10 classes")
     assert read_metadata(kept)["class_names"] == FMNIST_CLASSES and sorted(p.name for p in tmp_path.iterdir()) == [
         "model.onnx"
     ]
@@ -131,32 +168,54 @@ def readme_example() -> str:
     return found.group(1)
 
 
-def test_the_readme_onnxruntime_example_classifies_an_image_file(teacher, mnist_root, tmp_path):
-    """The README's ~10 lines (onnxruntime, PIL, numpy; size, mode and class names read from the model's metadata)
-    print the class the PyTorch model predicts for the same file, read the way the data modules read images."""
+def files_as_people_have_them(images: np.ndarray, folder: Path) -> dict[str, Image.Image]:
+    """Fixture test images saved as a user's files would be, each with what its raw pixels would wrongly show:
+    RGB at another size, transparency over noise, an EXIF-rotated photo, 16-bit."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(images[0, 0]).convert("RGB").resize((40, 36)).save(folder / "0.png")
+    rgba = np.dstack([rng.integers(0, 256, (28, 28, 3), dtype=np.uint8), np.full((28, 28), 255, np.uint8)])
+    rgba[..., 3][images[1, 0] < 40] = 0  # the dark background transparent, noise underneath
+    rgba[..., :3][images[1, 0] >= 40] = images[1, 0][images[1, 0] >= 40, None]
+    Image.fromarray(rgba).save(folder / "1.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 270 degrees (clockwise 90) to show it upright
+    Image.fromarray(images[2, 0]).transpose(Image.Transpose.ROTATE_90).save(folder / "2.jpg", exif=exif, quality=95)
+    Image.fromarray(images[3, 0].astype(np.uint16) * 257).save(folder / "3.png")  # mode I;16
+    return {f"{i}": folder / name for i, name in enumerate(("0.png", "1.png", "2.jpg", "3.png"))}
+
+
+def test_the_readme_onnxruntime_example_reads_an_image_file_as_training_does(teacher, exports, mnist_root, tmp_path):
+    """The README's lines (onnxruntime, PIL, numpy; everything else read from the model's metadata) print the class
+    and probability the PyTorch model gives for the file read by project.data.images, the one rule: for a resized
+    RGB file, for transparency (over white), an EXIF-rotated photo and a 16-bit PNG, where a plain
+    ``Image.open(f).convert(mode)`` would read other pixels."""
     code = readme_example()
-    assert len(code.strip().splitlines()) <= 12 and "torch" not in code.replace("onnxruntime", "")
-    ckpt, _ = teacher
-    model_file = export.export(str(ckpt), output=str(tmp_path / "model.onnx"))
-    images, labels = fixture_test_set(mnist_root)
-    model = load_classifier(ckpt)
+    assert len(code.strip().splitlines()) <= 16 and "torch" not in code.replace("onnxruntime", "")
     (tmp_path / "classify.py").write_text(code)
-    for i in (0, 1):  # an RGB file of another size: the example converts and resizes as the metadata says
-        Image.fromarray(images[i, 0]).convert("RGB").resize((40, 36)).save(tmp_path / f"{i}.png")
+    images, _ = fixture_test_set(mnist_root)
+    model = load_trained(teacher[0], "test")
+
+    def shown(pixels: torch.Tensor) -> str:
+        with torch.no_grad():
+            p = model(pixels[None]).softmax(-1)[0]
+        return f"{FMNIST_CLASSES[int(p.argmax())]} {float(p.max()):.1%}"
+
+    for name, path in files_as_people_have_them(images, tmp_path).items():
         done = subprocess.run(
-            [sys.executable, "classify.py", str(model_file), f"{i}.png"],
+            [sys.executable, "classify.py", str(exports["onnx"]), str(path)],
             cwd=tmp_path,
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert done.returncode == 0, done.stderr
-        with Image.open(tmp_path / f"{i}.png") as image:
-            pixels = np.asarray(image.convert("L").resize((28, 28), Image.Resampling.BILINEAR))
-        with torch.no_grad():
-            expected = int(model(torch.from_numpy(pixels.copy())[None, None]).argmax())
-        assert done.stdout.split()[0] == FMNIST_CLASSES[expected].split()[0], done.stdout
-        assert expected == labels[i]  # and it is the right class
+        assert done.stdout.strip() == shown(read_image(path, "L", (28, 28))), name
+        if name != "0":
+            with Image.open(path) as image:
+                naive = torch.from_numpy(
+                    np.asarray(image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)).copy()
+                )
+            assert shown(naive[None]) != done.stdout.strip(), name  # the rule changes what the model sees here
 
 
 def test_int8_quantization_reports_final_paths_and_never_overwrites(teacher, tmp_path, capsys):
@@ -222,8 +281,10 @@ def test_a_student_learns_from_the_teacher_alone_and_its_checkpoint_stands_alone
     loaded = ImageClassifier.load_from_checkpoint(best, weights_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), student(x))
-    out = export.export(best, output=str(tmp_path / "student.onnx"))
+    out = export.export(best, "pt2", str(tmp_path / "student.pt2"))
     assert read_metadata(out)["class_names"] == FMNIST_CLASSES
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(out).module()(x), student(x).softmax(-1), atol=1e-5, rtol=0)
 
 
 def test_distillation_loss_is_zero_at_the_teacher_and_its_gradient_reaches_only_the_student():
@@ -266,19 +327,30 @@ class Evil:
         return exec, (f"open({self.marker!r}, 'w').close()",)
 
 
+CLI_WROTE = {
+    "_class_path": "project.models.ImageClassifier",
+    "_instantiator": "lightning.pytorch.cli.instantiate_module",
+}
 BAD = {  # name -> (what the file holds, what the error line says)
     "hostile": (lambda marker: {"state_dict": {}, "hyper_parameters": {"x": Evil(marker)}}, "could run code"),
     "text": (b"these are my notes, not weights\n", "is not a readable checkpoint"),
     "random bytes": (None, "is not a readable checkpoint"),
     "not a dict": (lambda marker: [torch.zeros(2)], "not a Lightning checkpoint (no state_dict)"),
     "no state_dict": (lambda marker: {"hyper_parameters": {"net": {}}}, "not a Lightning checkpoint (no state_dict)"),
-    "no net config": (lambda marker: {"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, "holds no net config"),
+    "no model class": (lambda marker: {"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, "names no model class"),
+    "code as the model": (
+        lambda marker: {"state_dict": {}, "hyper_parameters": {**CLI_WROTE, "_class_path": "os.system"}},
+        "holds a os.system, not an image classifier",
+    ),
     "code as the net": (
         lambda marker: {
             "state_dict": {},
-            "hyper_parameters": {"net": {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}},
+            "hyper_parameters": {
+                **CLI_WROTE,
+                "net": {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}},
+            },
         },
-        "cannot build its net os.system",
+        "cannot build its project.models.ImageClassifier",
     ),
     "missing": (..., "not found"),
 }
@@ -293,7 +365,10 @@ def write_bad(kind: str, folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("tool", ["export", "compress", "teacher"])
+TOOLS = {"export": export, "compress": compress, "serve": serve}
+
+
+@pytest.mark.parametrize("tool", [*TOOLS, "teacher"])
 @pytest.mark.parametrize("kind", list(BAD))
 def test_a_bad_checkpoint_is_one_line_in_every_tool(kind, tool, tmp_path, capsys, mnist_root):
     bad = write_bad(kind, tmp_path)
@@ -315,7 +390,7 @@ def test_a_bad_checkpoint_is_one_line_in_every_tool(kind, tool, tmp_path, capsys
     else:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            {"export": export, "compress": compress}[tool].main(["--ckpt_path", str(bad)])
+            TOOLS[tool].main(["--ckpt_path", str(bad)])
         assert exit_info.value.code == 2
         line = error_line(capsys.readouterr().err)
     assert BAD[kind][1] in line and str(bad) in line, line
@@ -327,7 +402,7 @@ def test_a_bad_checkpoint_is_one_line_in_every_tool(kind, tool, tmp_path, capsys
 @pytest.mark.parametrize("tool", ["export", "compress"])
 def test_without_the_export_extra_a_tool_says_what_to_install(tool, teacher, tmp_path, capsys, monkeypatch):
     """`pip install -e .` alone has no onnx or onnxruntime: one line naming the extra, and nothing written."""
-    for name in ("onnx", "onnxruntime"):
+    for name in ("onnx", "onnxruntime", "onnxscript"):
         monkeypatch.setitem(sys.modules, name, None)  # importing it now fails as when it is not installed
     output = {"export": ["--output", str(tmp_path / "model.onnx")], "compress": ["--output_dir", str(tmp_path / "q")]}
     capsys.readouterr()
@@ -344,3 +419,113 @@ def test_the_export_command_refuses_a_hostile_checkpoint_in_one_line(tmp_path):
     done = run_module("extras.export", "--ckpt_path", str(bad), cwd=tmp_path)
     assert done.returncode == 2 and "could run code" in error_line(done.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == [bad.name] and not done.stdout
+
+
+# ---- any net fit accepts; nothing that is not a classifier ----------------------------------------------------
+
+
+def test_the_readme_tinynet_exports_and_compresses(mnist_root, tmp_path, monkeypatch):
+    """The README's own net (``input_shape`` without a type annotation) from the user's file: what fit trains,
+    export and int8 compression take."""
+    (tmp_path / "my_nets.py").write_text(shown_files()["my_nets.py"])
+    monkeypatch.syspath_prepend(str(tmp_path))  # my_nets.py where the README puts it: the folder commands run in
+    cli = fit(
+        "mnist.yaml",
+        mnist_root,
+        "--model.net=my_nets.TinyNet",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=5",
+        "--test_after_fit=false",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}",
+    )
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    program = torch.export.load(export.export(str(ckpt), "pt2", str(tmp_path / "tiny.pt2"))).module()
+    data = datasets.MNIST(str(mnist_root), train=False)
+    images, labels = data.data[:, None], data.targets
+    with torch.no_grad():
+        expected = cli.model.eval()(images).softmax(-1)
+        torch.testing.assert_close(program(images), expected, atol=1e-5, rtol=0)
+    report = compress.quantize(str(ckpt), output_dir=str(tmp_path / "int8"))
+    accuracy = float((expected.argmax(-1) == labels).float().mean())
+    assert report["samples"] == 200 and report["fp32"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert report["int8"]["int8_ops"]  # quantized
+
+
+THEIR_TASK = '''
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+
+class Denoiser(LightningModule):
+    """A user's own task, not a classifier: an autoencoder that removes noise from images."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 1, 3, padding=1))
+
+    def training_step(self, batch, batch_idx):
+        clean = batch[0]
+        return nn.functional.mse_loss(self.net(clean + 0.1 * torch.randn_like(clean)), clean)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(8, 1, 8, 8)), batch_size=4)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters())
+'''
+
+
+@pytest.fixture(scope="module")
+def their_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of a user's own LightningModule (in their own file), trained and saved by Lightning's CLI."""
+    from lightning.pytorch.cli import LightningCLI
+
+    folder = tmp_path_factory.mktemp("their-task")
+    (folder / "their_task.py").write_text(THEIR_TASK)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(folder))
+        cli = LightningCLI(
+            args=[
+                "--model=their_task.Denoiser",
+                "--trainer.max_steps=2",
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                f"--trainer.default_root_dir={folder}",
+            ],
+            run=False,
+        )
+        with warnings.catch_warnings():  # Lightning 2.6 measuring a list batch builds torch's deprecated LeafSpec
+            warnings.simplefilter("ignore", FutureWarning)
+            cli.trainer.fit(cli.model)
+        cli.trainer.save_checkpoint(folder / "denoiser.ckpt")
+    return folder / "denoiser.ckpt"
+
+
+@pytest.mark.parametrize("tool", [*TOOLS, "teacher"])
+def test_a_checkpoint_of_another_task_is_refused_in_one_line(tool, their_checkpoint, mnist_root, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(their_checkpoint.parent))  # their module importable, as where they trained it
+    before = sorted(their_checkpoint.parent.rglob("*"))
+    if tool == "teacher":
+        line = fails(
+            [
+                "fit",
+                f"--config={CONFIGS / 'fashion_mnist.yaml'}",
+                DISTILL,
+                CSV,
+                f"--data.init_args.data_dir={mnist_root}",
+                f"--model.init_args.teacher_ckpt={their_checkpoint}",
+            ],
+            capsys,
+        )
+    else:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            TOOLS[tool].main(["--ckpt_path", str(their_checkpoint)])
+        assert exit_info.value.code == 2
+        line = error_line(capsys.readouterr().err)
+    assert f"{their_checkpoint} holds a their_task.Denoiser, not an image classifier" in line, line
+    assert "needs a checkpoint of project.models.ImageClassifier" in line
+    assert sorted(their_checkpoint.parent.rglob("*")) == before
