@@ -21,6 +21,7 @@ from project.callbacks.interrupt import GracefulInterrupt, slurm_job_id
 from project.callbacks.nan_guard import NonFiniteGuard
 from project.callbacks.prediction_writer import PredictionWriter
 from project.callbacks.rng import RNGState
+from project.callbacks.tuners import TunerResults
 from project.callbacks.wandb import WandbPredictionMedia, WandbWatch
 from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.data.base import ImageDataModule
@@ -254,7 +255,8 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
                 "default_root_dir": default_root_dir(),
                 # W&B by default (offline without credentials); configs/logger/{csv,tensorboard,none}.yaml switch it
                 "logger": {"class_path": "project.loggers.WandbLogger", "init_args": {"name": None}},
-                "callbacks": [RNGState(), NonFiniteGuard(), GracefulInterrupt()],  # always on, added to any list
+                # always on, added to any list
+                "callbacks": [RNGState(), NonFiniteGuard(), GracefulInterrupt(), TunerResults()],
             },
             args=None if args is None else [a for a in argv if a != "--debug"],
             run=run,
