@@ -32,10 +32,10 @@ def short_names(keys: list[str]) -> dict[str, str]:
 
 
 def state(trial: Any) -> str:
-    name = trial.state.name.lower()
-    if name == "fail":
-        return "interrupted" if trial.system_attrs.get(INTERRUPTED) else "failed"
-    return {"complete": "complete", "pruned": "pruned", "running": "running", "waiting": "waiting"}[name]
+    """complete, pruned, failed, interrupted (to run again), running, or queued."""
+    if trial.state.name == "FAIL":
+        return "interrupted" if INTERRUPTED in trial.system_attrs else "failed"
+    return "queued" if trial.state.name == "WAITING" else trial.state.name.lower()
 
 
 def rows(study: Any, keys: list[str]) -> list[dict[str, Any]]:
@@ -44,6 +44,7 @@ def rows(study: Any, keys: list[str]) -> list[dict[str, Any]]:
     out = []
     for t in study.get_trials(deepcopy=False):
         end = t.datetime_complete
+        params = t.params or t.system_attrs.get("fixed_params", {})  # a queued trial's: given, not sampled yet
         out.append(
             {
                 "trial": t.number,
@@ -51,7 +52,7 @@ def rows(study: Any, keys: list[str]) -> list[dict[str, Any]]:
                 "value": t.value,
                 "epochs": len(t.intermediate_values),
                 "seconds": round((end - t.datetime_start).total_seconds(), 1) if end and t.datetime_start else None,
-                **{key: t.params.get(key) for key in keys},
+                **{key: params.get(key) for key in keys},
                 "run_dir": t.user_attrs.get("run_dir"),
                 "error": t.user_attrs.get("error"),
             }

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -70,16 +71,18 @@ def find_key(config: dict[str, Any], key: str) -> bool:
 
 
 def flat_keys(config: Any, prefix: str = "") -> list[str]:
-    if not isinstance(config, dict):
+    """Every dotted key of a nested config."""
+    if not isinstance(config, dict) or not config:
         return [prefix]
-    return [k for key, value in config.items() for k in flat_keys(value, f"{prefix}{key}.")] or [prefix]
+    return [k for key, value in config.items() for k in flat_keys(value, f"{prefix}.{key}" if prefix else key)]
 
 
 def check(sweep: space.Sweep, fit_args: list[str], extra: list[str]) -> dict[str, Any]:
     """The fit's resolved config with the sweep's own arguments; every parameter key must be in it, and every
-    value the search can give must pass the CLI's checks. Raises one :class:`UserError` naming the key."""
+    value the search can give must parse (types, choices: what ``--print_config`` checks; a class's own checks of
+    a value run in the trial). Raises one :class:`UserError` naming the key."""
     config = resolved_config([*fit_args, *sweep.tail, *extra])
-    keys = [k.rstrip(".") for k in flat_keys(config)]
+    keys = flat_keys(config)
     shown = f"python -m project fit {' '.join(fit_args)} --print_config"
     for p in sweep.parameters:
         require(
@@ -114,7 +117,6 @@ def validations(config: dict[str, Any]) -> int | None:
 class Run:
     number: int
     trial_id: int
-    params: dict[str, Any]
     process: subprocess.Popen
     folder: Path
     beat: float
@@ -193,9 +195,9 @@ class Search:
     def wanted(self) -> bool:
         done, running = self.tally()
         if self.reached_target():
-            print(f"target reached: {self.sweep.metric} {self.sweep.target} (metric.target); no more trials")
-            return False
-        return done + running < self.trials
+            print(f"{self.sweep.metric} reached its target {self.sweep.target} (metric.target): no more trials")
+            self.stopping = True
+        return not self.stopping and done + running < self.trials
 
     def retry(self, trial: Any, why: str) -> None:
         """Mark a trial that was interrupted (not its own failure) failed and queue its parameters again."""
@@ -263,7 +265,7 @@ class Search:
                 start_new_session=True,  # Ctrl-C reaches the sweep, which passes it on once
                 preexec_fn=die_with_sweep(os.getpid(), self.prctl),
             )
-        self.running[number] = Run(number, trial_id, trial.params, process, folder, time.monotonic())
+        self.running[number] = Run(number, trial_id, process, folder, time.monotonic())
         shown = ", ".join(f"{self.names[k]}={results.cell(v)}" for k, v in trial.params.items())
         retry = trial.user_attrs.get("retry_of")
         print(f"trial {number} started{f' (again: trial {retry})' if retry is not None else ''}: {shown}", flush=True)
@@ -275,33 +277,26 @@ class Search:
         values = trial.intermediate_values
         last = values[max(values)] if values else None
         metric, log = self.sweep.metric, run.folder / "fit.log"
-        if code == 0 and PRUNED in trial.system_attrs:
-            self.study.tell(run.number, state=states.PRUNED)
-            outcome = f"pruned after {len(values)} validations, {metric} {last:.4f}"
-        elif code == 0 and last is not None:
-            self.study.tell(run.number, last)
-            outcome = f"complete, {metric} {last:.4f} after {len(values)} validations"
-        elif self.stopping and code != 0:
+        if code != 0 and self.interrupted:
             self.retry(trial, "the sweep was stopped")
-            self.outcomes.append("interrupted")
             return
+        if code == 0 and last is not None:
+            state = states.PRUNED if PRUNED in trial.system_attrs else states.COMPLETE
+            self.study.tell(run.number, last if state == states.COMPLETE else None, state=state)
+            said = f"{state.name.lower()} after {len(values)} validations, {metric} {last:.4f}"
         else:
-            why = last_error(log) if code != 0 else None
-            why = why or (
-                f"no {metric} was logged"
-                if code == 0
-                else f"exit code {code}"
-                if code > 0
-                else f"killed by signal {-code}"
-            )
+            if code == 0:
+                why = f"no {metric} was logged"
+            else:
+                why = last_error(log) or (f"exit code {code}" if code > 0 else f"killed by signal {-code}")
             self.storage.set_trial_user_attr(run.trial_id, "error", why)
             self.study.tell(run.number, state=states.FAIL)
-            outcome = f"failed: {why} (log: {log})"
-        self.outcomes.append(outcome.split(maxsplit=1)[0].rstrip(":,"))
-        print(f"trial {run.number} {outcome}", flush=True)
-        if len(self.outcomes) == FIRST_FAILURES and set(self.outcomes) == {"failed"} and not self.stopping:
+            state, said = states.FAIL, f"failed: {why} (log: {log})"
+        print(f"trial {run.number} {said}", flush=True)
+        self.outcomes.append(state.name)
+        if self.outcomes == ["FAIL"] * FIRST_FAILURES:  # a problem of the setup, not of the trials' values
             self.stopping = True
-            self.failure = f"the first {FIRST_FAILURES} trials failed; the last: {outcome.removeprefix('failed: ')}"
+            self.failure = f"the first {FIRST_FAILURES} trials failed; the last: {said.removeprefix('failed: ')}"
 
     def run(self) -> None:
         """Start trials while more are wanted, up to ``workers`` at once; on Ctrl-C pass it on to the trials (they
@@ -311,7 +306,7 @@ class Search:
         self.reclaim()
         while True:
             try:
-                while not self.stopping and len(self.running) < self.workers and self.wanted():
+                while len(self.running) < self.workers and self.wanted():
                     self.start()
                 if not self.running:
                     return
@@ -321,12 +316,12 @@ class Search:
                     elif time.monotonic() - run.beat > HEARTBEAT_S:
                         self.storage.set_trial_system_attr(run.trial_id, HEARTBEAT, time.time())
                         run.beat = time.monotonic()
-                time.sleep(0.2)
+                time.sleep(0.5)
             except KeyboardInterrupt:
                 self.stopping = self.interrupted = True
                 for run in self.running.values():
                     run.process.send_signal(signal.SIGINT)
-                print(f"stopping {len(self.running)} running trials (Ctrl-C again: at once)", flush=True)
+                print("stopping: the running trials save their state and stop (Ctrl-C again: at once)", flush=True)
 
 
 def open_study(sweep: space.Sweep, name: str, spec: str, summary: dict[str, Any], seed: int | None) -> tuple[Any, Any]:
@@ -385,8 +380,9 @@ def search(
     storage: str | None = None,
     study: str | None = None,
     seed: int | None = None,
+    command: str = "",
 ) -> int:
-    """Run (or continue) the search; returns the exit code."""
+    """Run (or continue) the search; returns the exit code. ``command``: the one the user typed."""
     try:
         import optuna
     except ImportError as err:
@@ -430,8 +426,7 @@ def search(
         raise UserError(runner.failure)
     if runner.interrupted:
         done, _ = runner.tally()
-        command = " ".join(["python -m extras.sweep", *map(str, sys.argv[1:])])
-        print(f"interrupted with {done} of {trials} trials done; continue with: {command}", flush=True)
+        print(f"interrupted with {done} of {trials} trials done; the same command continues: {command}", flush=True)
         return 1
     return 0
 
@@ -476,6 +471,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--seed", type=int | None, help="the sampler's seed (one sweep process only)")
         options = parser.parse_args(own)
         code = search(
-            Path(options.sweep), fit, options.trials, options.workers, options.storage, options.study, options.seed
+            Path(options.sweep),
+            fit,
+            options.trials,
+            options.workers,
+            options.storage,
+            options.study,
+            options.seed,
+            command=shlex.join(["python", "-m", "extras.sweep", *argv]),
         )
     sys.exit(code)
