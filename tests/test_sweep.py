@@ -8,6 +8,7 @@ images); studies, trial outcomes and metrics are read back from the study's jour
 Measured on 2 cores under other load: about 40 s for the quick tests, 3 min for the ``slow`` ones (processes).
 """
 
+import csv
 import json
 import os
 import signal
@@ -137,15 +138,18 @@ def test_a_key_only_wandb_follows_is_one_note_line(here, capsys):
 # ---- searches -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # 3 trial processes
+@pytest.mark.slow  # 4 trial processes
 def test_grid_with_two_workers_runs_every_point_once_and_best_yaml_reruns(here, mnist_root, capsys):
-    path = write_sweep(here, "grid", {LR: {"values": [0.001, 0.01, 0.03]}, "data.init_args.batch_size": {"value": 32}})
+    """lr 1e6 diverges: that trial fails with the fit's error line and the search goes on."""
+    lrs = [0.001, 0.01, 0.03, 1e6]
+    path = write_sweep(here, "grid", {LR: {"values": lrs}, "data.init_args.batch_size": {"value": 32}})
     assert sweep(path, "--workers", "2", f"--data.init_args.data_dir={mnist_root}", *MLP, CSV) == 0
     out = capsys.readouterr().out
     loaded = study("grid")
-    done = trials_of(loaded, "COMPLETE")
-    assert len(loaded.trials) == 3 and sorted(t.number for t in done) == [0, 1, 2]
-    assert sorted(t.params[LR] for t in done) == [0.001, 0.01, 0.03], "every grid point once"
+    done, (failed,) = trials_of(loaded, "COMPLETE"), trials_of(loaded, "FAIL")
+    assert sorted(t.number for t in loaded.trials) == [0, 1, 2, 3]
+    assert sorted(t.params[LR] for t in loaded.trials) == lrs and failed.params[LR] == 1e6, "every grid point once"
+    assert failed.user_attrs["error"].startswith("training loss is nan and the gradients are not finite at step")
     first, second = sorted(done, key=lambda t: t.datetime_start)[:2]
     assert second.datetime_start < first.datetime_complete, "two trials at once"
     for t in done:  # the value each trial reported is what its run folder logged
@@ -154,10 +158,11 @@ def test_grid_with_two_workers_runs_every_point_once_and_best_yaml_reruns(here, 
         assert read_metrics(run)["val/acc"] == pytest.approx(list(t.intermediate_values.values()))
         assert yaml.safe_load((run / "config.yaml").read_text())["data"]["init_args"]["batch_size"] == 32
     with open("runs/sweep/grid/trials.csv") as f:
-        rows = [line.split(",") for line in f.read().splitlines()]
-    assert rows[0][:5] == ["trial", "state", "val/acc", "epochs", "seconds"] and len(rows) == 4
-    assert {(int(r[0]), r[1], float(r[2]), int(r[3])) for r in rows[1:]} == {
-        (t.number, "complete", t.value, 2) for t in done
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:5] == ["trial", "state", "val/acc", "epochs", "seconds"] and len(rows) == 4
+    assert {(int(r["trial"]), r["state"], r["val/acc"], r["epochs"], r["error"]) for r in rows} == {
+        *((t.number, "complete", str(t.value), "2", "") for t in done),
+        (failed.number, "failed", "", "0", failed.user_attrs["error"]),
     }
     for plot in ("history", "importances", "intermediate"):
         assert Image.open(f"runs/sweep/grid/{plot}.png").size == (800, 500)
