@@ -123,9 +123,9 @@ complete trial (2,000 validation images). Wall time includes every trial's start
 |---|---|---|---|---|
 {rows}
 
-Hyperband spent **{r["epoch_ratio"]:.0%}** of the epochs (goal <= {EPOCH_GOAL:.0%}) and its best val/acc is
-**{r["gap_points"]:+.2f} points** below the search without pruning (goal <= {POINTS_GOAL}): **{judge(r)}**
-(one search each: the search's own spread is not measured).
+Hyperband spent **{r["epoch_ratio"]:.0%}** of the epochs (goal <= {EPOCH_GOAL:.0%}); the best val/acc without
+pruning minus the best with it: **{r["gap_points"]:+.2f} points** (goal <= {POINTS_GOAL}): **{judge(r)}** (one
+search each: how much a search's outcome varies with its seed is not measured).
 
 {footer(r)}
 """

@@ -26,7 +26,7 @@ from PIL import Image
 
 from extras.runs import read_wandb_run, records
 from extras.sweep import space
-from extras.sweep.report import open_storage
+from extras.sweep.report import open_storage, pruner
 from extras.sweep.search import check, main
 from project.cli import cli_main
 from tests import slurm
@@ -133,6 +133,30 @@ def test_a_key_only_wandb_follows_is_one_note_line(here, capsys):
         f"{path}: 'controller' is used by W&B only; ignored here",
         f"{path}: parameter {LR}: 'probabilities' is used by W&B only; Optuna tries each value equally often",
     ]
+
+
+def test_hyperband_checks_trials_as_wandb_does(here):
+    """W&B's early termination checks a run after min_iter x eta^k iterations: Optuna's Hyperband with one bracket
+    with those rungs; a trial not in the top 1/eta there stops (the first ones: unless the best so far)."""
+    path = write_sweep(here, "hb", {LR: {"values": [0.01, 0.02]}}, early_terminate={"type": "hyperband", "min_iter": 2})
+    settings = space.load(path).pruner_settings(validations=8)
+    assert settings == {"min_resource": 2, "max_resource": 2, "reduction_factor": 3}
+    assert space.load(path).pruner_settings(validations=2) is None, "trials that end at the first check"
+    loaded = optuna.create_study(direction="maximize", pruner=pruner(settings))
+    curves = [[0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92], [0.4, 0.7, 0.7, 0.7, 0.7, 0.8, 0.8], [0.3, 0.5, 0.9]]
+    stopped = []
+    for curve in curves:  # checked after validations 2 and 6
+        trial = loaded.ask()
+        for step, value in enumerate(curve, 1):
+            trial.report(value, step)
+            if trial.should_prune():
+                loaded.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                stopped.append(step)
+                break
+        else:
+            loaded.tell(trial, curve[-1])
+            stopped.append(None)
+    assert stopped == [None, 6, 2]
 
 
 # ---- searches -------------------------------------------------------------------------------------------------

@@ -105,18 +105,19 @@ class Sweep:
         return optuna.samplers.TPESampler(seed=seed)
 
     def pruner_settings(self, validations: int | None) -> dict[str, Any] | None:
-        """``HyperbandPruner`` arguments; ``validations``: how many times a whole trial validates (max_resource).
-        None: no pruning (none asked for, or trials too short to stop before their end)."""
+        """``HyperbandPruner`` arguments for W&B's early termination: a trial is checked after ``min_iter`` x
+        ``eta``^k validations and stopped unless in the top 1/``eta`` there, as W&B checks its runs: one bracket
+        (``max_resource`` = ``min_resource``). With ``max_iter`` and ``s`` instead: ``min_iter`` = ``max_iter`` /
+        ``eta``^``s``. None: nothing to prune (none asked for, or trials that end by the first check)."""
         if self.hyperband is None:
             return None
-        eta = self.hyperband.get("eta", 3)
-        top = self.hyperband.get("max_iter") or validations or "auto"
-        low = self.hyperband.get("min_iter")
-        if low is None and isinstance(top, int) and "s" in self.hyperband:
-            low = max(1, int(top / eta ** self.hyperband["s"]))
-        if isinstance(top, int) and top <= (low or 1):
+        eta, low = self.hyperband.get("eta", 3), self.hyperband.get("min_iter")
+        if low is None and self.hyperband.get("max_iter") and self.hyperband.get("s"):
+            low = max(1, round(self.hyperband["max_iter"] / eta ** self.hyperband["s"]))
+        low = low or 1
+        if validations is not None and validations <= low:
             return None
-        return {"min_resource": low or 1, "max_resource": top, "reduction_factor": eta}
+        return {"min_resource": low, "max_resource": low, "reduction_factor": eta}
 
     def description(self) -> dict[str, Any]:
         """What a study must keep to be continued: the search itself."""
