@@ -107,14 +107,15 @@ def best_config(run_dir: Path, base: dict[str, Any], root_given: bool) -> dict[s
     return config
 
 
-def write_best(folder: Path, study: Any, base: dict[str, Any], root_given: bool) -> tuple[Any, Path] | None:
+def write_best(folder: Path, study: Any, base: dict[str, Any], root_given: bool) -> tuple[Any, Path | None] | None:
+    """The best complete trial, and ``best.yaml`` when its run folder is on this machine."""
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if not complete:
         return None
     best = study.best_trial
     run_dir = Path(best.user_attrs["run_dir"])
-    if not (run_dir / "config.yaml").is_file():
-        return None
+    if not (run_dir / "config.yaml").is_file():  # run by another machine, on its own disk
+        return best, None
     path = folder / "best.yaml"
     header = (
         f"# The best trial of study {study.study_name}: trial {best.number}, {study.user_attrs['sweep']['metric']} "
@@ -177,8 +178,11 @@ def report(study: Any, keys: list[str], folder: Path, base: dict[str, Any], root
     for line in skipped:
         print(f"note: {line}")
     print(f"results: {', '.join(str(p) for p in [folder / 'trials.csv', *plots])}")
-    if best:
-        trial, path = best
-        print(f"best: trial {trial.number}, {metric} {trial.value:.4f}; re-run it: python -m project fit -c {path}")
-    else:
+    if best is None:
         print("best: no trial completed yet")
+        return
+    trial, path = best
+    again = f"re-run it: python -m project fit -c {path}"
+    if path is None:
+        again = f"no best.yaml: its run folder {trial.user_attrs['run_dir']} is not on this machine"
+    print(f"best: trial {trial.number}, {metric} {trial.value:.4f}; {again}")
