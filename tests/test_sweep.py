@@ -5,7 +5,7 @@ The sweep's own process runs in the test process where it can (its trials are al
 processes); the kill -9 test and the SLURM array run it as a process of its own. Trials train the MLP of
 ``configs/mnist.yaml`` at 16 hidden units for 2 epochs on format-exact MNIST (540 training, 60 validation
 images); studies, trial outcomes and metrics are read back from the study's journal file and the run folders.
-Measured on the 2-core CI machine under a load average of about 13 (other suites running): 2 min 40 s for the
+Measured on this 2-core machine under a load average of about 13 (other suites running): 2 min 50 s for the
 quick tests (the tuners 11-18 s each), 11 min for the four ``slow`` ones (grid 1.8 min, Hyperband 3.4, kill -9 3.1,
 SLURM array 2.4); the pytest process used 2.6 min of CPU in all, each trial process about 9 s more.
 """
