@@ -11,6 +11,7 @@ A trial's sweep process records itself and a heartbeat in the trial. A RUNNING t
 interrupted: the next sweep on the study marks it failed and runs its parameters again.
 """
 
+import argparse
 import ctypes
 import io
 import json
@@ -452,14 +453,16 @@ def split(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     """``python -m extras.sweep SWEEP.yaml [--trials N] [--workers N] [--storage URL] [--study NAME] [--seed S]
     [fit flags]``; a problem the user can fix is one ``error:`` line and exit code 2 (``--debug``: the traceback)."""
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ArgumentParser, DefaultHelpFormatter
     from jsonargparse.typing import PositiveInt
 
     argv = list(sys.argv[1:] if argv is None else argv)
     with exit_on_user_error(debug="--debug" in argv):
         own, fit = split([a for a in argv if a != "--debug"])
         parser = type("Parser", (OneLineErrors, ArgumentParser), {})(
-            prog="python -m extras.sweep", description=sys.modules["extras.sweep"].__doc__
+            prog="python -m extras.sweep",
+            description=sys.modules["extras.sweep"].__doc__,
+            formatter_class=type("Help", (DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter), {}),
         )
         parser.add_argument("sweep", type=str, help="a W&B sweep YAML, e.g. configs/sweep/fashion_mnist.yaml")
         parser.add_argument(
