@@ -176,7 +176,7 @@ def test_grid_with_two_workers_runs_every_point_once_and_best_yaml_reruns(here, 
     assert sorted(t.number for t in loaded.trials) == [0, 1, 2, 3]
     assert sorted(t.params[LR] for t in loaded.trials) == lrs and failed.params[LR] == 1e6, "every grid point once"
     assert failed.user_attrs["error"].startswith("training loss is nan and the gradients are not finite at step")
-    first, second = sorted(done, key=lambda t: t.datetime_start)[:2]
+    first, second = sorted(loaded.trials, key=lambda t: t.datetime_start)[:2]
     assert second.datetime_start < first.datetime_complete, "two trials at once"
     for t in done:  # the value each trial reported is what its run folder logged
         run = Path(t.user_attrs["run_dir"])
