@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 REPORTER = f"{__name__}.ReportToStudy"  # its class_path
 PRUNED = "sweep:pruned_at"  # system attribute: the validation the pruner stopped the trial after
@@ -54,7 +54,7 @@ class ReportToStudy(Callback):
 
     def __init__(self, storage: str, study: str, trial: int) -> None:
         self.storage_spec, self.study_name, self.number = storage, study, trial
-        self.reported = 0
+        self.reported, self.metric = 0, None  # the metric: set up on rank 0 of a fit
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
@@ -64,13 +64,17 @@ class ReportToStudy(Callback):
         self.metric = self.study.user_attrs["sweep"]["metric"]
         study_id = self.storage.get_study_id_from_name(self.study_name)
         self.trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, self.number)
+        if self.storage.get_trial(self.trial_id).state.is_finished():  # a trial's config.yaml run again by hand
+            rank_zero_warn(f"trial {self.number} of study {self.study_name} is finished: this run reports nothing")
+            self.metric = None
+            return
         self.storage.set_trial_user_attr(self.trial_id, "run_dir", str(trainer.log_dir))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
         prune = False
-        if trainer.is_global_zero and self.metric in trainer.callback_metrics:
+        if trainer.is_global_zero and self.metric and self.metric in trainer.callback_metrics:
             value = float(trainer.callback_metrics[self.metric])
             self.reported += 1  # the step Hyperband counts: validations so far
             if math.isfinite(value):
