@@ -1,6 +1,6 @@
 """Measure every section with its script's default arguments, then rewrite BENCHMARKS.md whole from the results.
 
-    python bench/all.py                          # every section (about 70 min on 2 CPU cores), then BENCHMARKS.md
+    python bench/all.py                          # every section (about 100 min on 2 CPU cores), then BENCHMARKS.md
     python bench/all.py --only overhead          # one script (or several: --only startup,data_path); keep the rest
     python bench/all.py --render                 # measure nothing: rewrite BENCHMARKS.md from bench/results/*.json
     python bench/all.py --results DIR --output PATH   # other places, for trying things out
@@ -31,6 +31,7 @@ SECTIONS = [
     ("distill", "Distillation", "render", "summary"),
     ("quantize", "int8 quantization", "render", "summary"),
     ("serve", "Serving", "render", "summary"),
+    ("sweep", "Sweep", "render", "summary"),
     ("gpu", "GPU", "render", "summary"),
 ]
 SCRIPTS = list(dict.fromkeys(s for s, *_ in SECTIONS))

@@ -16,7 +16,13 @@ from typing import Any
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    LearningRateFinder,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _InstantiatorFn
 from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -27,6 +33,7 @@ from project.callbacks.nan_guard import NonFiniteGuard
 from project.callbacks.prediction_writer import PredictionWriter
 from project.callbacks.progress import EpochProgressBar
 from project.callbacks.rng import RNGState
+from project.callbacks.tuners import TunerResults
 from project.callbacks.wandb import WandbPredictionMedia, WandbRunId, WandbWatch
 from project.checkpoint_io import SafeCheckpointIO
 from project.errors import OneLineErrors, UserError, did_you_mean, exit_on_user_error, require
@@ -212,6 +219,8 @@ class CLI(LightningCLI):
             plugins = [*plugins, SLURMEnvironment(auto_requeue=False)]  # GracefulInterrupt requeues between steps
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if any(isinstance(c, (LearningRateFinder, BatchSizeFinder)) for c in callbacks):
+            callbacks = [*callbacks, TunerResults()]  # what they found reaches the schedule, and is saved
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [*callbacks, EpochProgressBar()]
         if trainer.get("logger") not in (False, []):  # Lightning's LearningRateMonitor fails without a logger

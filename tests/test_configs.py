@@ -58,7 +58,7 @@ SMALL = {
 def test_every_shipped_config_is_covered():
     shipped = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if p.parent.name != "sweep"}
     used = {c for stack in STACKS.values() for c in stack} | set(PRINT_ONLY) | {"model/resnet_cifar.yaml"}
-    assert shipped == used  # model/resnet_cifar.yaml: inside the CIFAR configs; sweeps: tests/test_wandb.py
+    assert shipped == used  # model/resnet_cifar.yaml: inside the CIFAR configs; sweeps: tests/test_sweep.py
 
 
 @pytest.fixture(scope="module")

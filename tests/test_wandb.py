@@ -1,17 +1,14 @@
-"""W&B runs read back from the files wandb writes offline: config, summary, history, media, artifacts, resumes,
-sweeps; and what happens without credentials or without a server that answers."""
+"""W&B runs read back from the files wandb writes offline: config, summary, history, media, artifacts, resumes;
+and what happens without credentials or without a server that answers. Sweeps: tests/test_sweep.py."""
 
 import json
 import socket
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 import wandb
-import yaml
 
 from extras.runs import read_wandb_run
 from project.cli import cli_main
@@ -195,39 +192,3 @@ def test_disabled_mode_trains_and_writes_no_wandb_files(mnist_root, monkeypatch)
     run_dir = Path(cli.trainer.log_dir)
     assert "test/acc" in cli.trainer.callback_metrics and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert not list(run_dir.glob("wandb/*run-*"))
-
-
-def sweep_args(sweep: dict[str, Any], pick: int) -> list[str]:
-    """What ``wandb agent`` puts in for ``${args}``: ``--key=value``, here with the lowest or highest value."""
-    return [
-        f"--{k}={s['values'][-pick] if 'values' in s else s['max' if pick else 'min']}"
-        for k, s in sweep["parameters"].items()
-    ]
-
-
-@pytest.mark.parametrize("path", sorted((CONFIGS / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
-def test_sweep_parameters_are_cli_keys_and_a_trial_runs(path, capsys, mnist_root):
-    sweep = yaml.safe_load(path.read_text())
-    assert sweep["metric"] == {"name": "val/acc", "goal": "maximize"} and "early_terminate" in sweep
-    command = [c.replace("configs/", f"{CONFIGS}/") for c in sweep["command"] if not c.startswith("${")]
-    assert command[:3] == ["-m", "project", "fit"] and sweep["command"][-1] == "${args}"
-    for pick in (0, 1):
-        with pytest.raises(SystemExit):
-            cli_main([*command[2:], *sweep_args(sweep, pick), "--print_config"])
-        printed = yaml.safe_load(capsys.readouterr().out)
-        for key, arg in zip(sweep["parameters"], sweep_args(sweep, pick), strict=True):
-            value = printed
-            for part in key.split("."):
-                value = value[part]
-            assert str(value) == arg.split("=", 1)[1] or value == pytest.approx(float(arg.split("=", 1)[1])), key
-    if path.stem == "fashion_mnist":
-        cli = cli_main(
-            [
-                *command[2:],
-                f"--data.init_args.data_dir={mnist_root}",
-                *SMALL,
-                *sweep_args(sweep, 1),
-                "--trainer.fast_dev_run=2",
-            ]
-        )
-        assert torch.isfinite(cli.trainer.callback_metrics["test/loss"])

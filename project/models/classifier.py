@@ -42,6 +42,9 @@ class ImageClassifier(LightningModule):
         class_weights: per-class weights of the cross-entropy (e.g. inverse class frequencies for imbalanced data).
         channels_last: run convolutions in NHWC memory layout (faster on CPUs and tensor-core GPUs).
         compile: ``torch.compile`` the net (``true``, or a dict of ``torch.compile`` arguments); off by default.
+
+    ``lr`` (None: the optimizer's own) is what Lightning's ``LearningRateFinder`` finds and sets: the optimizer's lr
+    and a one-cycle schedule's ``max_lr``.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class ImageClassifier(LightningModule):
         self.register_buffer("mean", torch.tensor(mean or [0.0]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std or [1.0]).view(1, -1, 1, 1), persistent=False)
         self.optimizer, self.scheduler, self.scheduler_interval = optimizer, scheduler, scheduler_interval
+        self.lr: float | None = None
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         self.compile_options = ({} if compile is True else compile) if compile else None
@@ -181,13 +185,16 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameter_groups())
+        if self.lr is not None:  # found by a LearningRateFinder
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
         if self.scheduler is None:
             return optimizer
         given = getattr(self.scheduler, "keywords", None)  # the CLI hands over a partial
         if given is None:
             params = inspect.signature(self.scheduler).parameters.values()
             given = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-        fill = {}
+        fill = {"max_lr": self.lr} if "max_lr" in given and self.lr is not None else {}
         if "total_steps" in given and given["total_steps"] is None and given.get("epochs") is None:
             fill["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler(optimizer, **fill)

@@ -1,0 +1,3 @@
+from extras.sweep.search import main
+
+main()
