@@ -452,20 +452,19 @@ def test_predicting_unlabelled_images_needs_no_training_folder(tmp_path):
 def test_images_are_read_as_a_viewer_shows_them(case, tmp_path):
     """Transparency over the background, EXIF orientation, 16-bit and float scaled, CMYK converted, the first frame
     of an animation: each file format-exact, read through predict_dir as every path reads it."""
-    channels, expected = write_viewer_case(case, tmp_path / "new")
-    dm = ImageFolderDataModule(
-        tmp_path / "gone", image_size=expected.shape[:2], channels=channels, predict_dir=str(tmp_path / "new")
-    )
-    dm.setup("predict")
-    seen = collect(dm.predict_dataloader())[0][0].permute(1, 2, 0).numpy()
-    np.testing.assert_array_equal(seen, expected)
-    if case == "rgba":
-        dm = ImageFolderDataModule(
-            tmp_path / "gone", image_size=(4, 6), background="#ff0000", predict_dir=str(tmp_path / "new")
-        )
+    folder = tmp_path / "images" / case  # a class folder holding the one file, and predict_dir
+
+    def seen(**kwargs) -> np.ndarray:
+        dm = ImageFolderDataModule(folder.parent, mean=[0.5] * channels, std=[0.5] * channels, **kwargs)
         dm.setup("predict")
-        seen = collect(dm.predict_dataloader())[0][0].permute(1, 2, 0).numpy()
-        assert seen[:, :3].max() == 0 and (seen[:, 3:] == [255, 0, 0]).all()
+        return collect(dm.predict_dataloader())[0][0].permute(1, 2, 0).numpy()
+
+    channels, expected = write_viewer_case(case, folder)
+    size = expected.shape[:2]
+    np.testing.assert_array_equal(seen(image_size=size, channels=channels, predict_dir=str(folder)), expected)
+    if case == "rgba":
+        red = seen(image_size=size, background="#ff0000", predict_dir=str(folder))
+        assert red[:, :3].max() == 0 and (red[:, 3:] == [255, 0, 0]).all()
 
 
 def test_a_class_drawn_only_in_the_alpha_channel_is_learnable(tmp_path):
@@ -480,6 +479,8 @@ def test_a_class_drawn_only_in_the_alpha_channel_is_learnable(tmp_path):
         "--data.init_args.val_split=0.25",
         "--data.init_args.test_split=0.25",
         "--data.init_args.batch_size=8",
+        "--data.init_args.mean=[0.5,0.5,0.5]",  # given: the statistics test covers computed ones
+        "--data.init_args.std=[0.5,0.5,0.5]",
         "--model.init_args.net.init_args.width=8",
         "--trainer.max_epochs=6",
     )
