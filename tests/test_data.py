@@ -2,7 +2,9 @@
 
 import logging
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from project.data import (
     folder,
     vision,
 )
+from project.data.base import stratified_split
 from project.data.batches import BatchAugment, InMemory, TensorLoader
 from project.data.images import read_image
 from project.errors import UserError
@@ -84,8 +87,13 @@ def test_every_data_module_serves_uint8_batches_the_same_on_both_loaders(mnist_r
         for stage, split in (("fit", "val"), ("test", "test")):
             dm.setup(stage)
             other.setup(stage)
-            x, y = collect(getattr(dm, f"{split}_dataloader")())
-            x2, y2 = collect(getattr(other, f"{split}_dataloader")())
+            loaders = [getattr(module, f"{split}_dataloader")() for module in (dm, other)]
+            assert [loader.batch_size for loader in loaders] == [32, 32], name
+            (x, y), (x2, y2) = collect(loaders[0]), collect(loaders[1])
+            assert (
+                isinstance(other.splits[split], InMemory)
+                and other.splits[split].source.indices == dm.splits[split].indices
+            )
             assert x.dtype == torch.uint8 and x.shape[1:] == dm.image_shape, name
             assert torch.equal(x, x2) and torch.equal(y, y2), (name, split)
             source = truth[name]["test" if split == "test" else "train"]
@@ -93,7 +101,9 @@ def test_every_data_module_serves_uint8_batches_the_same_on_both_loaders(mnist_r
             assert len({image.numpy().tobytes() for image in x}) == len(x) == sizes[name][1 if split == "val" else 2]
             first = y[:32].unique().numel()
             assert first >= min(dm.num_classes, 32) // 2 and not torch.equal(y, y.sort().values), (name, split)
-        train = [image.numpy().tobytes() for image in collect(dm.train_dataloader())[0]]
+        (train, labels), again = collect(dm.train_dataloader()), collect(dm.train_dataloader())[1]
+        assert not torch.equal(labels, again), f"{name}: training batches are shuffled every epoch"
+        train = [image.numpy().tobytes() for image in train]
         assert len(set(train)) == len(train) == sizes[name][0], name
         assert not set(train) & {image.numpy().tobytes() for image in collect(dm.val_dataloader())[0]}, name
 
@@ -114,8 +124,43 @@ def test_split_is_stratified_seeded_disjoint_and_from_train_only(mnist_root):
     val = odd.splits["val"].indices
     assert len(val) == 61 and len(odd.splits["train"]) == 539 and not set(val) & set(odd.splits["train"].indices)
     assert sorted(torch.bincount(torch.as_tensor(odd.splits["val"].dataset.targets)[val]).tolist()) == [6] * 9 + [7]
-    with pytest.raises(UserError, match="leaves no training data"):
+    with pytest.raises(UserError, match="--data.val_split=600 leaves no training data"):
         MNISTDataModule(data_dir=mnist_root, val_split=600).setup("fit")
+    with pytest.raises(UserError, match="class 2 has 1 samples, too few to split off 1"):  # largest remainder: 0.6
+        stratified_split([0, 0, 1, 1, 2], 3, seed=0, flag="--data.val_split")
+
+
+def test_defaults_and_bounds_of_the_shared_arguments(mnist_root, tmp_path):
+    shutil.copytree(mnist_root / "MNIST", tmp_path / "data" / "MNIST")  # data/ in the working folder: the default
+    dm = MNISTDataModule(batch_size=1, eval_batch_size=1)
+    dm.setup("predict")
+    assert len(next(iter(dm.predict_dataloader()))[1]) == 1 and set(dm.splits) == {"test"}  # predict: the test split
+    for wrong in (-1, 1.0):
+        with pytest.raises(UserError, match=r"--data.val_split must be a count >= 0 or a fraction in \[0, 1\)"):
+            MNISTDataModule(val_split=wrong)
+    images = tmp_path / "data/MNIST/raw/train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])  # cut off
+    with pytest.raises(UserError, match=r"could not read the data set in data \(RuntimeError: shape '\[600, 28, 28\]"):
+        MNISTDataModule().setup("fit")
+
+
+class DownloadsMNIST(MNISTDataModule):
+    """Stands in for torchvision's download: writes the files where it writes them, ``root/MNIST/raw``."""
+
+    def download(self, root: Path) -> None:
+        write_mnist_family(root / "MNIST" / "raw", n_train=100, n_test=20)
+
+
+def test_a_download_is_moved_into_place_whole(tmp_path):
+    dm = DownloadsMNIST(data_dir=tmp_path / "new" / "data", val_split=10)  # its parents are made too
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 90 and os.listdir(tmp_path / "new" / "data") == ["MNIST"]
+    (tmp_path / "old" / "MNIST" / "raw").mkdir(parents=True)  # a folder there already: merged into
+    (tmp_path / "old" / "MNIST" / "raw" / "notes.txt").write_text("kept")
+    DownloadsMNIST(data_dir=tmp_path / "old").prepare_data()
+    assert os.listdir(tmp_path / "old") == ["MNIST"]
+    assert sorted(os.listdir(tmp_path / "old" / "MNIST" / "raw")) == sorted([*vision.IDX_FILES, "notes.txt"])
 
 
 def test_test_split_is_the_test_file(mnist_root):
@@ -133,6 +178,9 @@ def test_cifar_reads_python_pickles_and_checks_md5(cifar_root, tmp_path):
     dm.prepare_data()
     dm.setup("test")
     assert set(dm.splits) == {"test"}, "a test run reads no training data"
+    validating = CIFAR10DataModule(data_dir=root, val_split=0.2)
+    validating.setup("validate")
+    assert set(validating.splits) == {"train", "val"}, "validate reads no test data"
     index = dm.splits["test"].indices[0]
     x, y = next(iter(dm.test_dataloader()))
     assert torch.equal(x[0], torch.from_numpy(files[10]["test"][0][index]).permute(2, 0, 1))
@@ -204,6 +252,7 @@ def test_missing_data_offline_is_one_clear_error_and_leaves_nothing(cls, tmp_pat
     with pytest.raises(UserError) as err:
         cls(data_dir=tmp_path / "data").prepare_data()
     assert "not found" in str(err.value) and str(tmp_path / "data") in str(err.value) and "\n" not in str(err.value)
+    assert f"(download failed: {type(err.value.__cause__).__name__})" in str(err.value)
     assert list((tmp_path / "data").iterdir()) == [], "a failed download leaves nothing behind"
 
 
@@ -243,8 +292,36 @@ def test_augmentation_runs_on_training_batches_only(mnist_root):
     dm.trainer = type("T", (), {"training": False})()
     assert dm.on_after_batch_transfer(batch, 0)[0] is batch[0]  # validation/test: untouched uint8
     dm.trainer.training = True
-    x = dm.on_after_batch_transfer(batch, 0)[0]
-    assert x.dtype == torch.float32 and not torch.equal(x, batch[0] / 255)
+    x, labels = dm.on_after_batch_transfer(batch, 0)
+    assert x.dtype == torch.float32 and not torch.equal(x, batch[0] / 255) and labels is batch[1]
+
+
+def test_under_ddp_each_rank_takes_its_share_and_evaluation_counts_each_sample_once(odd_mnist):
+    """Two ranks (a stand-in trainer): 101 test images as 51 + 50, none twice (a padding sampler repeats one); the
+    in-memory training loader takes the rank's half and continues the trainer's epoch count."""
+    for kind in ("torchvision", "tensor"):
+        tested, trained = [], []
+        for rank in (0, 1):
+            dm = MNISTDataModule(data_dir=odd_mnist, batch_size=16, loader=kind, val_split=61)
+            dm.setup("fit")
+            dm.setup("test")
+            progress = SimpleNamespace(current=SimpleNamespace(processed=3))
+            dm.trainer = SimpleNamespace(
+                world_size=2,
+                global_rank=rank,
+                distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
+                fit_loop=SimpleNamespace(epoch_progress=progress),
+            )
+            tested.append(collect(dm.test_dataloader())[0])
+            if kind == "tensor":
+                loader = dm.train_dataloader()
+                trained.append(collect(loader)[0])
+                assert loader.state_dict()["epoch"] == 3  # epochs 0-2 processed: this is epoch 3
+        assert [len(x) for x in tested] == [51, 50], kind
+        assert len({x.numpy().tobytes() for x in torch.cat(tested)}) == 101, kind
+        if trained:
+            halves = [{x.numpy().tobytes() for x in part} for part in trained]
+            assert [len(h) for h in halves] == [69, 69] and not halves[0] & halves[1]
 
 
 def loader(n: int = 103, **kwargs) -> TensorLoader:
@@ -273,7 +350,7 @@ def test_tensor_loader_is_seeded_sharded_and_resumes_mid_epoch():
     assert [x.tolist() for x, _ in resumed] == [x.tolist() for x in epochs[1][5:]]
 
 
-def test_weighted_sampler_balances_classes(tmp_path):
+def test_weighted_sampler_balances_classes(tmp_path, mnist_root):
     root = write_image_folder(tmp_path / "imgs", {"red": 40, "stripes": 8})
     for kind in ("torchvision", "tensor"):
         dm = ImageFolderDataModule(
@@ -291,6 +368,10 @@ def test_weighted_sampler_balances_classes(tmp_path):
         train = dm.train_dataloader()
         labels = torch.cat([y for _ in range(30) for _, y in train])
         assert abs(labels.float().mean().item() - 0.5) < 0.05, kind  # 6/36 = 0.17 without the sampler
+    mnist = MNISTDataModule(data_dir=mnist_root, sampler="weighted")  # training split: a Subset of the file
+    mnist.setup("fit")
+    labels = torch.as_tensor(mnist.splits["train"].dataset.targets)[mnist.splits["train"].indices]
+    assert torch.equal(mnist.train_weights() * torch.bincount(labels)[labels], torch.ones(540, dtype=torch.float64))
 
 
 def test_folder_splits_are_stratified_and_seeded(image_root, tmp_path):
