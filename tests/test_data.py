@@ -1,6 +1,7 @@
 """Data modules on format-exact files: splits, both loaders, batch augmentation, your own image folders."""
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -106,6 +107,7 @@ def test_every_data_module_serves_uint8_batches_the_same_on_both_loaders(mnist_r
         train = [image.numpy().tobytes() for image in train]
         assert len(set(train)) == len(train) == sizes[name][0], name
         assert not set(train) & {image.numpy().tobytes() for image in collect(dm.val_dataloader())[0]}, name
+        assert sorted(train) == sorted(image.numpy().tobytes() for image in collect(other.train_dataloader())[0])
 
 
 def test_split_is_stratified_seeded_disjoint_and_from_train_only(mnist_root):
@@ -138,6 +140,23 @@ def test_defaults_and_bounds_of_the_shared_arguments(mnist_root, tmp_path):
     for wrong in (-1, 1.0):
         with pytest.raises(UserError, match=r"--data.val_split must be a count >= 0 or a fraction in \[0, 1\)"):
             MNISTDataModule(val_split=wrong)
+    workers = MNISTDataModule(num_workers=2)
+    workers.setup("test")
+    assert workers.test_dataloader().num_workers == 2
+    orders = []  # the in-memory loader's order follows the run's seed
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        tensor = MNISTDataModule(loader="tensor")
+        tensor.setup("fit")
+        orders.append(collect(tensor.train_dataloader())[1])
+    assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])
+
+    class TestOnly(MNISTDataModule):
+        def make_datasets(self) -> dict:
+            return {"test": super().make_datasets()["test"]}
+
+    with pytest.raises(UserError, match="TestOnly has no train images in data"):
+        TestOnly().setup("fit")
     images = tmp_path / "data/MNIST/raw/train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])  # cut off
     with pytest.raises(UserError, match=r"could not read the data set in data \(RuntimeError: shape '\[600, 28, 28\]"):
@@ -148,6 +167,7 @@ class DownloadsMNIST(MNISTDataModule):
     """Stands in for torchvision's download: writes the files where it writes them, ``root/MNIST/raw``."""
 
     def download(self, root: Path) -> None:
+        assert root.parent == self.data_dir and root.name.startswith(".")  # renamed into place: one file system
         write_mnist_family(root / "MNIST" / "raw", n_train=100, n_test=20)
 
 
@@ -291,6 +311,7 @@ def test_augmentation_runs_on_training_batches_only(mnist_root):
     batch = next(iter(dm.train_dataloader()))
     dm.trainer = type("T", (), {"training": False})()
     assert dm.on_after_batch_transfer(batch, 0)[0] is batch[0]  # validation/test: untouched uint8
+    assert MNISTDataModule(augment="none").augment_batch(batch[0]) is batch[0]
     dm.trainer.training = True
     x, labels = dm.on_after_batch_transfer(batch, 0)
     assert x.dtype == torch.float32 and not torch.equal(x, batch[0] / 255) and labels is batch[1]
@@ -348,6 +369,55 @@ def test_tensor_loader_is_seeded_sharded_and_resumes_mid_epoch():
     resumed = loader(seed=123)  # the seed comes back from the state
     resumed.load_state_dict(interrupted.state_dict())
     assert [x.tolist() for x, _ in resumed] == [x.tolist() for x in epochs[1][5:]]
+    at_the_end = loader()  # saved after an epoch's last batch: the next iteration is a whole new epoch
+    at_the_end.load_state_dict({"seed": 7, "epoch": 0, "position": len(at_the_end)})
+    assert [x.tolist() for x, _ in at_the_end] == [x.tolist() for x in epochs[1]]
+    cut = loader()  # an epoch cut short (limit_train_batches): the next iteration starts a new one
+    next(iter(cut))
+    assert [x.tolist() for x, _ in cut] == [x.tolist() for x in epochs[1]]
+    weights = torch.rand(103).double()
+    weighted = [collect(loader(weights=weights))[0].flatten() for _ in range(2)]
+    assert torch.equal(*weighted)  # weighted draws seeded too (resumable)
+    assert len(loader(n=17, world_size=2)) == 1 == len(list(loader(n=17, world_size=2)))  # 8 each, no empty batch
+
+
+def blob(n: int, size: int = 33) -> torch.Tensor:
+    """``n`` copies of a soft spot 6 px above and 4 px right of the centre, uint8 (n, 1, size, size)."""
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    spot = torch.exp(-((yy - (size - 1) / 2 + 6) ** 2 + (xx - (size - 1) / 2 - 4) ** 2) / 4.5)
+    return (spot * 255).round().to(torch.uint8).expand(n, 1, size, size).contiguous()
+
+
+def centre_of_mass(images: torch.Tensor) -> torch.Tensor:
+    """(x, y) of each image's centre of mass, from the image centre, in pixels."""
+    h, w = images.shape[-2:]
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    mass = images[:, 0].sum((1, 2))
+    x, y = ((images[:, 0] * grid).sum((1, 2)) / mass for grid in (xx, yy))
+    return torch.stack([x - (w - 1) / 2, y - (h - 1) / 2], 1)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"degrees": 10}, {"translate": 0.1}, {"scale": (0.8, 1.2)}, {"degrees": 10, "translate": 0.1}]
+)
+def test_affine_augmentation_turns_zooms_and_shifts_each_image_by_what_it_drew(settings):
+    """Each image's spot moves where the drawn angle (degrees), zoom and shift (a fraction of the size) put it:
+    the draws in their order, uniform over the ranges asked (both signs), within 0.1 px."""
+    n, size = 256, 33
+    torch.manual_seed(1)
+    moved = centre_of_mass(BatchAugment(**settings)(blob(n)))
+    torch.manual_seed(1)
+    degrees, translate = settings.get("degrees", 0), settings.get("translate", 0)
+    ranges = [(-degrees, degrees), settings.get("scale", (1, 1)), (-translate, translate), (-translate, translate)]
+    angle, zoom, shift_x, shift_y = (torch.rand(n) * (high - low) + low for low, high in ranges)
+    x, y = centre_of_mass(blob(1).float())[0]
+    turn = angle * math.pi / 180
+    expected_x = zoom * (torch.cos(turn) * x - torch.sin(turn) * y) + shift_x * size
+    expected_y = zoom * (torch.sin(turn) * x + torch.cos(turn) * y) + shift_y * size
+    torch.testing.assert_close(moved, torch.stack([expected_x, expected_y], 1), rtol=0, atol=0.1)
+    for drawn, (low, high) in zip((angle, zoom, shift_x), ranges, strict=False):
+        assert low == high or drawn.min() < low + 0.1 * (high - low) and drawn.max() > high - 0.1 * (high - low)
+    assert torch.equal(BatchAugment()(blob(4)), blob(4) / 255)  # the default: no augmentation
 
 
 def test_weighted_sampler_balances_classes(tmp_path, mnist_root):
@@ -415,19 +485,22 @@ def test_a_missing_test_folder_is_carved_from_train_and_known_before_training(tm
     assert not set(dm.samples["test"]) & set(dm.samples["train"])
     dm.setup("test")
     assert len(dm.splits["test"]) == 4
-    assert not ImageFolderDataModule(tmp_path / "split", test_split=0.0).has_split("test")
+    untested = ImageFolderDataModule(tmp_path / "split", test_split=0.0)
+    assert not untested.has_split("test")
+    with pytest.raises(UserError, match=f"ImageFolderDataModule has no test images in {tmp_path / 'split'}"):
+        untested.setup("test")
     assert ImageFolderDataModule(tmp_path / "split" / "train", val_split=0.0, test_split=0.0).has_split("val")
 
 
 def test_a_class_too_small_to_split_is_named_in_one_warning_line(tmp_path, caplog):
-    root = write_image_folder(tmp_path / "imgs", {"red": 10, "stripes": 10, "solo": 1})
+    root = write_image_folder(tmp_path / "imgs", {"red": 10, "stripes": 10, "solo": 1, "alone": 1})
     with caplog.at_level(logging.WARNING):
         samples = ImageFolderDataModule(root, image_size=8).samples
     assert [r.getMessage() for r in caplog.records] == [
-        f"--data.{name}_split takes no sample of class solo (too few): none in that split; add samples"
+        f"--data.{name}_split takes no sample of class alone, solo (too few): none in that split; add samples"
         for name in ("test", "val")
     ]
-    assert [label for _, label in samples["train"]].count(1) == 1  # "solo" (class 1) trains
+    assert [label for _, label in samples["train"]].count(2) == 1  # "solo" (class 2) trains
 
 
 def test_folder_statistics_and_checks_are_computed_once_and_cached(tmp_path, monkeypatch, caplog):
