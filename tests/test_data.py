@@ -398,7 +398,13 @@ def centre_of_mass(images: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "settings", [{"degrees": 10}, {"translate": 0.1}, {"scale": (0.8, 1.2)}, {"degrees": 10, "translate": 0.1}]
+    "settings",
+    [
+        {"degrees": 10},
+        {"translate": 0.1},
+        {"scale": (0.8, 1.2)},
+        {"degrees": 10, "translate": 0.1, "scale": (0.8, 1.2)},
+    ],
 )
 def test_affine_augmentation_turns_zooms_and_shifts_each_image_by_what_it_drew(settings):
     """Each image's spot moves where the drawn angle (degrees), zoom and shift (a fraction of the size) put it:
