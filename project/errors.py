@@ -54,7 +54,7 @@ def parse_error(message: str, options: list[str]) -> str:
         return f"{cls} has no parameter '{m[1]}'"
     keys = [k for k in re.findall(r'Parser key "([^"]+)"', message) if k != "config"]
     given = re.findall(r"Given value: (.*)", message) if "Expected a <class" in reason else []
-    return f"{'.'.join(keys) + ': ' if keys else ''}{reason}{', got ' + given[-1] if given else ''}"
+    return f"{'.'.join(keys) + ': ' if keys else ''}{reason}{', got ' + given[0] if given else ''}"
 
 
 class OneLineErrors:

@@ -53,15 +53,19 @@ def odd_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cifar_root(tmp_path_factory: pytest.TempPathFactory):
-    """A data_dir with format-exact CIFAR-10 and CIFAR-100 pickles; torchvision's MD5 lists point at them."""
+def cifar_files(tmp_path_factory: pytest.TempPathFactory):
+    """A data_dir with format-exact CIFAR-10 and CIFAR-100 pickles, and their MD5 lists."""
     root = tmp_path_factory.mktemp("cifar-data")
-    files = {10: write_cifar(root, 10, seed=0), 100: write_cifar(root, 100, n_train=400, seed=5)}
-    with pytest.MonkeyPatch.context() as mp:
-        for cls, n in ((datasets.CIFAR10, 10), (datasets.CIFAR100, 100)):
-            for attr in ("train_list", "test_list", "meta"):
-                mp.setattr(cls, attr, files[n][attr])
-        yield root, files
+    return root, {10: write_cifar(root, 10, seed=0), 100: write_cifar(root, 100, n_train=400, seed=5)}
+
+
+@pytest.fixture
+def cifar_root(cifar_files, monkeypatch: pytest.MonkeyPatch):
+    """``cifar_files`` with torchvision's MD5 lists pointing at them during this test only."""
+    for cls, n in ((datasets.CIFAR10, 10), (datasets.CIFAR100, 100)):
+        for attr in ("train_list", "test_list", "meta"):
+            monkeypatch.setattr(cls, attr, cifar_files[1][n][attr])
+    return cifar_files
 
 
 @pytest.fixture(scope="session")

@@ -132,3 +132,78 @@ def write_image_folder(root: Path, counts: dict[str, int], size: int = 20, seed:
         for i in range(n):
             draw(kind, rng, size + int(rng.integers(0, 8))).save(root / kind / f"{i:03d}.png")
     return root
+
+
+def write_alpha_icons(root: Path, n: int = 24, size: int = 12, seed: int = 0) -> Path:
+    """Icons whose shape lives only in the alpha channel (every pixel's RGB is black), as PNG in ``root/<class>/``:
+    ``disk`` (a disk) and ``bar`` (a horizontal bar), at random places."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for kind in ("bar", "disk"):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            cy, cx = rng.integers(3, size - 3, size=2)
+            shape = (yy - cy) ** 2 + (xx - cx) ** 2 <= 9 if kind == "disk" else abs(yy - cy) <= 1
+            rgba = np.zeros((size, size, 4), np.uint8)
+            rgba[..., 3] = np.where(shape, 255, 0)
+            Image.fromarray(rgba, "RGBA").save(root / kind / f"{i:03d}.png")
+    return root
+
+
+def halves(left: tuple[int, ...], right: tuple[int, ...], height: int = 4, width: int = 6) -> np.ndarray:
+    """(H, W, C) uint8: ``left`` colour in the left half, ``right`` in the right half."""
+    image = np.empty((height, width, len(left)), np.uint8)
+    image[:, : width // 2], image[:, width // 2 :] = left, right
+    return image
+
+
+def with_orientation(image, orientation: int) -> bytes:
+    exif = image.getexif()
+    exif[0x0112] = orientation  # EXIF Orientation: 3 = rotated 180 degrees, 6 = rotate 90 degrees clockwise to view
+    return exif.tobytes()
+
+
+def write_viewer_case(case: str, folder: Path) -> tuple[int, np.ndarray]:
+    """One image file in ``folder`` that plain ``convert(mode)`` reads differently from an image viewer, and what
+    the viewer shows over a white background: ``(channels, (H, W, C) uint8)``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    alpha = halves((255,), (0,))[..., 0]  # opaque left half, transparent right half
+    black, white = (0, 0, 0), (255, 255, 255)
+    if case in ("rgba", "la"):
+        mode = "RGBA" if case == "rgba" else "LA"
+        pixels = np.dstack([np.zeros((4, 6, len(mode) - 1), np.uint8), alpha])  # black, shape only in alpha
+        Image.fromarray(pixels, mode).save(folder / f"{case}.png")
+        return len(mode) - 1, halves(black, white)[..., : len(mode) - 1]
+    if case == "palette":  # PNG palette with a tRNS chunk: index 1 (red) is transparent
+        image = Image.fromarray((alpha == 0).astype(np.uint8), "P")
+        image.putpalette([0, 0, 0, 255, 0, 0])
+        image.save(folder / "palette.png", transparency=1)
+        return 3, halves(black, white)
+    if case == "gif":  # animated: frame 0 black and transparent (red), frame 1 green
+        first, second = Image.fromarray((alpha == 0).astype(np.uint8), "P"), Image.new("P", (6, 4), 2)
+        for frame in (first, second):
+            frame.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+        first.save(folder / "anim.gif", save_all=True, append_images=[second], transparency=1, optimize=False)
+        return 3, halves(black, white)
+    if case == "exif":  # a phone photo stored on its side: 16 high, 8 wide, top half white; upright 8 x 16
+        stored = Image.fromarray(np.ascontiguousarray(halves((255,), (0,), 8, 16)[..., 0].T), "L")
+        stored.save(folder / "phone.jpg", quality=100, exif=with_orientation(stored, 6))
+        return 1, halves((0,), (255,), 8, 16)
+    if case == "cmyk":  # a print-ready CMYK JPEG stored upside down: cyan | yellow, upright yellow | cyan
+        stored = Image.fromarray(halves((255, 0, 0, 0), (0, 0, 255, 0), 8, 16), "CMYK")
+        stored.save(folder / "print.jpg", quality=100, exif=with_orientation(stored, 3))
+        return 3, halves((255, 255, 0), (0, 255, 255), 8, 16)
+    if case == "png16":  # 16-bit grayscale: 0 ... 65535 across, scaled to 0 ... 255
+        Image.fromarray(np.tile(np.arange(6, dtype=np.uint16) * 13107, (4, 1))).save(folder / "deep.png")
+        return 1, np.tile(np.arange(6, dtype=np.uint8) * 51, (4, 1))[..., None]
+    if case == "float_tiff":  # 32-bit float in [0, 1]
+        Image.fromarray(np.tile(np.arange(6, dtype=np.float32) / 5, (4, 1))).save(folder / "float.tif")
+        return 1, np.tile(np.arange(6, dtype=np.uint8) * 51, (4, 1))[..., None]
+    raise ValueError(case)
+
+
+VIEWER_CASES = ("rgba", "la", "palette", "gif", "exif", "cmyk", "png16", "float_tiff")

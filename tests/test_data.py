@@ -1,11 +1,17 @@
 """Data modules on format-exact files: splits, both loaders, batch augmentation, your own image folders."""
 
-import json
+import logging
+import math
+import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from jsonargparse import ArgumentParser
+from torchvision import datasets
 
 from project.data import (
     CIFAR10DataModule,
@@ -13,11 +19,23 @@ from project.data import (
     FashionMNISTDataModule,
     ImageFolderDataModule,
     MNISTDataModule,
+    folder,
     vision,
 )
+from project.data.base import stratified_split
 from project.data.batches import BatchAugment, InMemory, TensorLoader
+from project.data.images import read_image
 from project.errors import UserError
-from tests.formats import draw, write_image_folder, write_mnist_family
+from tests.conftest import CONFIGS, CSV, QUIET, fails, fit
+from tests.formats import (
+    VIEWER_CASES,
+    draw,
+    write_alpha_icons,
+    write_idx,
+    write_image_folder,
+    write_mnist_family,
+    write_viewer_case,
+)
 
 
 def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,23 +52,62 @@ def modules(mnist_root, cifar_root, image_root, **kwargs) -> dict[str, object]:
     }
 
 
+def labelled_images(mnist_root, cifar_root, image_root) -> dict[str, dict[str, dict[bytes, int]]]:
+    """For each module, per source file (train, test): every image's bytes -> its label, read from the files."""
+
+    def idx(name: str) -> np.ndarray:
+        data = (mnist_root / "MNIST/raw" / name).read_bytes()
+        return np.frombuffer(data[8:], np.uint8) if "labels" in name else np.frombuffer(data[16:], np.uint8)
+
+    def table(images, labels, layout=lambda x: x) -> dict[bytes, int]:
+        return {layout(x).tobytes(): int(y) for x, y in zip(images, labels, strict=True)}
+
+    chw = lambda x: np.ascontiguousarray(x.transpose(2, 0, 1))  # noqa: E731 - CIFAR's files hold HWC
+    mnist = {
+        split: table(idx(f"{p}-images-idx3-ubyte").reshape(-1, 28, 28), idx(f"{p}-labels-idx1-ubyte"))
+        for split, p in (("train", "train"), ("test", "t10k"))
+    }
+    cifar = {n: {split: table(*cifar_root[1][n][split], chw) for split in ("train", "test")} for n in (10, 100)}
+    names = sorted(p.name for p in image_root.iterdir() if p.is_dir())
+    files = {
+        read_image(p, "RGB", (16, 16)).numpy().tobytes(): names.index(p.parent.name) for p in image_root.glob("*/*")
+    }
+    return {"mnist": mnist, "cifar10": cifar[10], "cifar100": cifar[100], "folder": {"train": files, "test": files}}
+
+
 def test_every_data_module_serves_uint8_batches_the_same_on_both_loaders(mnist_root, cifar_root, image_root):
-    """Evaluation splits: identical images and labels from the per-sample and the in-memory path, uint8, in a fixed
-    seeded order that is not sorted by class (a limited validation still sees most classes)."""
+    """Evaluation splits: identical images and labels from the per-sample and the in-memory path, uint8, each image
+    with its own label from the files, split sizes as asked, in a fixed seeded order that is not sorted by class (a
+    limited validation still sees most classes)."""
     per_sample = modules(mnist_root, cifar_root, image_root, batch_size=32, loader="torchvision")
     in_memory = modules(mnist_root, cifar_root, image_root, batch_size=32, loader="tensor")
+    truth = labelled_images(mnist_root, cifar_root, image_root)
+    sizes = {"mnist": (540, 60, 200), "cifar10": (450, 50, 100), "cifar100": (300, 100, 100), "folder": (84, 24, 12)}
     for name, dm in per_sample.items():
         other = in_memory[name]
         for stage, split in (("fit", "val"), ("test", "test")):
             dm.setup(stage)
             other.setup(stage)
-            x, y = collect(getattr(dm, f"{split}_dataloader")())
-            x2, y2 = collect(getattr(other, f"{split}_dataloader")())
+            loaders = [getattr(module, f"{split}_dataloader")() for module in (dm, other)]
+            assert [loader.batch_size for loader in loaders] == [32, 32], name
+            (x, y), (x2, y2) = collect(loaders[0]), collect(loaders[1])
+            assert (
+                isinstance(other.splits[split], InMemory)
+                and other.splits[split].source.indices == dm.splits[split].indices
+            )
             assert x.dtype == torch.uint8 and x.shape[1:] == dm.image_shape, name
             assert torch.equal(x, x2) and torch.equal(y, y2), (name, split)
+            source = truth[name]["test" if split == "test" else "train"]
+            assert [source.get(image.numpy().tobytes()) for image in x] == y.tolist(), (name, split)
+            assert len({image.numpy().tobytes() for image in x}) == len(x) == sizes[name][1 if split == "val" else 2]
             first = y[:32].unique().numel()
-            assert first >= min(dm.num_classes, 32) // 4 + 1 and not torch.equal(y, y.sort().values), (name, split)
-        assert len(dm.splits["train"]) + len(dm.splits["val"]) in (600, 500, 400, 108), name
+            assert first >= min(dm.num_classes, 32) // 2 and not torch.equal(y, y.sort().values), (name, split)
+        (train, labels), again = collect(dm.train_dataloader()), collect(dm.train_dataloader())[1]
+        assert not torch.equal(labels, again), f"{name}: training batches are shuffled every epoch"
+        train = [image.numpy().tobytes() for image in train]
+        assert len(set(train)) == len(train) == sizes[name][0], name
+        assert not set(train) & {image.numpy().tobytes() for image in collect(dm.val_dataloader())[0]}, name
+        assert sorted(train) == sorted(image.numpy().tobytes() for image in collect(other.train_dataloader())[0])
 
 
 def test_split_is_stratified_seeded_disjoint_and_from_train_only(mnist_root):
@@ -64,9 +121,66 @@ def test_split_is_stratified_seeded_disjoint_and_from_train_only(mnist_root):
     labels = torch.as_tensor(a.splits["train"].dataset.targets)
     assert torch.bincount(labels[val]).tolist() == [15] * 10  # every class in proportion
     assert val == b.splits["val"].indices and val != c.splits["val"].indices
-    assert MNISTDataModule(data_dir=mnist_root, val_split=61).setup("fit") is None  # an exact odd count
-    with pytest.raises(UserError, match="leaves no training data"):
+    odd = MNISTDataModule(data_dir=mnist_root, val_split=61)  # an exact odd count: 6 of each class, one class 7
+    odd.setup("fit")
+    val = odd.splits["val"].indices
+    assert len(val) == 61 and len(odd.splits["train"]) == 539 and not set(val) & set(odd.splits["train"].indices)
+    assert sorted(torch.bincount(torch.as_tensor(odd.splits["val"].dataset.targets)[val]).tolist()) == [6] * 9 + [7]
+    with pytest.raises(UserError, match="--data.val_split=600 leaves no training data"):
         MNISTDataModule(data_dir=mnist_root, val_split=600).setup("fit")
+    with pytest.raises(UserError, match="class 2 has 1 samples, too few to split off 1"):  # largest remainder: 0.6
+        stratified_split([0, 0, 1, 1, 2], 3, seed=0, flag="--data.val_split")
+
+
+def test_defaults_and_bounds_of_the_shared_arguments(mnist_root, tmp_path):
+    shutil.copytree(mnist_root / "MNIST", tmp_path / "data" / "MNIST")  # data/ in the working folder: the default
+    dm = MNISTDataModule(batch_size=1, eval_batch_size=1)
+    dm.setup("predict")
+    assert len(next(iter(dm.predict_dataloader()))[1]) == 1 and set(dm.splits) == {"test"}  # predict: the test split
+    for wrong in (-1, 1.0):
+        with pytest.raises(UserError, match=r"--data.val_split must be a count >= 0 or a fraction in \[0, 1\)"):
+            MNISTDataModule(val_split=wrong)
+    workers = MNISTDataModule(num_workers=2)
+    workers.setup("test")
+    assert workers.test_dataloader().num_workers == 2
+    orders = []  # the in-memory loader's order follows the run's seed
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        tensor = MNISTDataModule(loader="tensor")
+        tensor.setup("fit")
+        orders.append(collect(tensor.train_dataloader())[1])
+    assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])
+
+    class TestOnly(MNISTDataModule):
+        def make_datasets(self) -> dict:
+            return {"test": super().make_datasets()["test"]}
+
+    with pytest.raises(UserError, match="TestOnly has no train images in data"):
+        TestOnly().setup("fit")
+    images = tmp_path / "data/MNIST/raw/train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])  # cut off
+    with pytest.raises(UserError, match=r"could not read the data set in data \(RuntimeError: shape '\[600, 28, 28\]"):
+        MNISTDataModule().setup("fit")
+
+
+class DownloadsMNIST(MNISTDataModule):
+    """Stands in for torchvision's download: writes the files where it writes them, ``root/MNIST/raw``."""
+
+    def download(self, root: Path) -> None:
+        assert root.parent == self.data_dir and root.name.startswith(".")  # renamed into place: one file system
+        write_mnist_family(root / "MNIST" / "raw", n_train=100, n_test=20)
+
+
+def test_a_download_is_moved_into_place_whole(tmp_path):
+    dm = DownloadsMNIST(data_dir=tmp_path / "new" / "data", val_split=10)  # its parents are made too
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 90 and os.listdir(tmp_path / "new" / "data") == ["MNIST"]
+    (tmp_path / "old" / "MNIST" / "raw").mkdir(parents=True)  # a folder there already: merged into
+    (tmp_path / "old" / "MNIST" / "raw" / "notes.txt").write_text("kept")
+    DownloadsMNIST(data_dir=tmp_path / "old").prepare_data()
+    assert os.listdir(tmp_path / "old") == ["MNIST"]
+    assert sorted(os.listdir(tmp_path / "old" / "MNIST" / "raw")) == sorted([*vision.IDX_FILES, "notes.txt"])
 
 
 def test_test_split_is_the_test_file(mnist_root):
@@ -84,6 +198,9 @@ def test_cifar_reads_python_pickles_and_checks_md5(cifar_root, tmp_path):
     dm.prepare_data()
     dm.setup("test")
     assert set(dm.splits) == {"test"}, "a test run reads no training data"
+    validating = CIFAR10DataModule(data_dir=root, val_split=0.2)
+    validating.setup("validate")
+    assert set(validating.splits) == {"train", "val"}, "validate reads no test data"
     index = dm.splits["test"].indices[0]
     x, y = next(iter(dm.test_dataloader()))
     assert torch.equal(x[0], torch.from_numpy(files[10]["test"][0][index]).permute(2, 0, 1))
@@ -98,7 +215,12 @@ def test_cifar_reads_python_pickles_and_checks_md5(cifar_root, tmp_path):
         damaged.setup("fit")
 
 
-def test_fashion_mnist_unpacks_gz_from_a_folder_or_debian(tmp_path, monkeypatch):
+def test_fashion_mnist_unpacks_checked_gz_files_from_a_folder_debian_by_default(tmp_path):
+    defaults = ArgumentParser()
+    defaults.add_class_arguments(FashionMNISTDataModule, "fashion")
+    defaults.add_class_arguments(MNISTDataModule, "mnist")
+    assert defaults.get_defaults().fashion.gz_dir == "/usr/share/datasets/fashion-mnist"  # shown by --help
+    assert defaults.get_defaults().mnist.gz_dir is None
     gz = tmp_path / "debian"
     write_mnist_family(gz, compress=True, n_train=100)
     dm = FashionMNISTDataModule(data_dir=tmp_path / "data", gz_dir=str(gz), val_split=10)
@@ -106,12 +228,42 @@ def test_fashion_mnist_unpacks_gz_from_a_folder_or_debian(tmp_path, monkeypatch)
     dm.setup("fit")
     assert len(dm.splits["train"]) == 90
     assert sorted(p.name for p in (tmp_path / "data/FashionMNIST/raw").iterdir()) == sorted(vision.IDX_FILES)
-    monkeypatch.setattr(FashionMNISTDataModule, "auto_gz_dirs", (str(gz),))
-    FashionMNISTDataModule(data_dir=tmp_path / "other").prepare_data()
-    assert len(list((tmp_path / "other/FashionMNIST/raw").iterdir())) == 4
     (gz / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz"):
         FashionMNISTDataModule(data_dir=tmp_path / "third", gz_dir=str(gz)).prepare_data()
+    # what is unpacked is checked before it is put in place: IDX header and size, as many labels as images
+    write_idx(gz / "t10k-labels-idx1-ubyte", np.zeros(200, np.uint8), compress=True)
+    images = gz / "train-images-idx3-ubyte"
+    for broken, name in (
+        (lambda: write_idx(gz / "train-labels-idx1-ubyte", np.zeros(99, np.uint8), compress=True), "train-labels"),
+        (lambda: write_idx(images, np.zeros((100, 28, 27), np.uint8), compress=True), "train-images"),
+        (lambda: images.with_suffix(".gz").write_bytes(images.with_suffix(".gz").read_bytes()[:-30]), "train-images"),
+    ):
+        write_mnist_family(gz, compress=True, n_train=100)
+        broken()
+        with pytest.raises(UserError, match=rf"{gz}/{name}-idx\d-ubyte.gz is not a whole FashionMNIST IDX file"):
+            FashionMNISTDataModule(data_dir=tmp_path / name, gz_dir=str(gz)).prepare_data()
+        raw = tmp_path / name / "FashionMNIST/raw"
+        assert sorted(p.name for p in raw.iterdir()) == (["train-images-idx3-ubyte"] if "labels" in name else [])
+
+
+def test_os_errors_while_preparing_data_name_the_path_and_the_flag(tmp_path, capsys, monkeypatch):
+    """Unpacking into, or downloading into, a data_dir that cannot be created: one line, no traceback."""
+    gz = tmp_path / "gz"
+    write_mnist_family(gz, compress=True, n_train=100, n_test=20)
+    fashion = [f"--config={CONFIGS / 'fashion_mnist.yaml'}", CSV, *QUIET]
+    line = fails(
+        ["fit", *fashion, "--data.init_args.data_dir=/proc/none/data", f"--data.init_args.gz_dir={gz}"], capsys
+    )
+    assert line == "error: cannot write /proc/none: No such file or directory; set --data.data_dir to a writable folder"
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    cifar = [f"--config={CONFIGS / 'cifar10.yaml'}", CSV, *QUIET]
+    line = fails(["fit", *cifar, f"--data.init_args.data_dir={tmp_path / 'blocker' / 'data'}"], capsys)
+    assert (
+        line
+        == f"error: cannot write {tmp_path}/blocker/data: Not a directory; set --data.data_dir to a writable folder"
+    )
 
 
 @pytest.mark.parametrize("cls", [MNISTDataModule, CIFAR10DataModule])
@@ -120,6 +272,7 @@ def test_missing_data_offline_is_one_clear_error_and_leaves_nothing(cls, tmp_pat
     with pytest.raises(UserError) as err:
         cls(data_dir=tmp_path / "data").prepare_data()
     assert "not found" in str(err.value) and str(tmp_path / "data") in str(err.value) and "\n" not in str(err.value)
+    assert f"(download failed: {type(err.value.__cause__).__name__})" in str(err.value)
     assert list((tmp_path / "data").iterdir()) == [], "a failed download leaves nothing behind"
 
 
@@ -158,9 +311,38 @@ def test_augmentation_runs_on_training_batches_only(mnist_root):
     batch = next(iter(dm.train_dataloader()))
     dm.trainer = type("T", (), {"training": False})()
     assert dm.on_after_batch_transfer(batch, 0)[0] is batch[0]  # validation/test: untouched uint8
+    assert MNISTDataModule(augment="none").augment_batch(batch[0]) is batch[0]
     dm.trainer.training = True
-    x = dm.on_after_batch_transfer(batch, 0)[0]
-    assert x.dtype == torch.float32 and not torch.equal(x, batch[0] / 255)
+    x, labels = dm.on_after_batch_transfer(batch, 0)
+    assert x.dtype == torch.float32 and not torch.equal(x, batch[0] / 255) and labels is batch[1]
+
+
+def test_under_ddp_each_rank_takes_its_share_and_evaluation_counts_each_sample_once(odd_mnist):
+    """Two ranks (a stand-in trainer): 101 test images as 51 + 50, none twice (a padding sampler repeats one); the
+    in-memory training loader takes the rank's half and continues the trainer's epoch count."""
+    for kind in ("torchvision", "tensor"):
+        tested, trained = [], []
+        for rank in (0, 1):
+            dm = MNISTDataModule(data_dir=odd_mnist, batch_size=16, loader=kind, val_split=61)
+            dm.setup("fit")
+            dm.setup("test")
+            progress = SimpleNamespace(current=SimpleNamespace(processed=3))
+            dm.trainer = SimpleNamespace(
+                world_size=2,
+                global_rank=rank,
+                distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
+                fit_loop=SimpleNamespace(epoch_progress=progress),
+            )
+            tested.append(collect(dm.test_dataloader())[0])
+            if kind == "tensor":
+                loader = dm.train_dataloader()
+                trained.append(collect(loader)[0])
+                assert loader.state_dict()["epoch"] == 3  # epochs 0-2 processed: this is epoch 3
+        assert [len(x) for x in tested] == [51, 50], kind
+        assert len({x.numpy().tobytes() for x in torch.cat(tested)}) == 101, kind
+        if trained:
+            halves = [{x.numpy().tobytes() for x in part} for part in trained]
+            assert [len(h) for h in halves] == [69, 69] and not halves[0] & halves[1]
 
 
 def loader(n: int = 103, **kwargs) -> TensorLoader:
@@ -187,9 +369,64 @@ def test_tensor_loader_is_seeded_sharded_and_resumes_mid_epoch():
     resumed = loader(seed=123)  # the seed comes back from the state
     resumed.load_state_dict(interrupted.state_dict())
     assert [x.tolist() for x, _ in resumed] == [x.tolist() for x in epochs[1][5:]]
+    at_the_end = loader()  # saved after an epoch's last batch: the next iteration is a whole new epoch
+    at_the_end.load_state_dict({"seed": 7, "epoch": 0, "position": len(at_the_end)})
+    assert [x.tolist() for x, _ in at_the_end] == [x.tolist() for x in epochs[1]]
+    cut = loader()  # an epoch cut short (limit_train_batches): the next iteration starts a new one
+    next(iter(cut))
+    assert [x.tolist() for x, _ in cut] == [x.tolist() for x in epochs[1]]
+    weights = torch.rand(103).double()
+    weighted = [collect(loader(weights=weights))[0].flatten() for _ in range(2)]
+    assert torch.equal(*weighted)  # weighted draws seeded too (resumable)
+    assert len(loader(n=17, world_size=2)) == 1 == len(list(loader(n=17, world_size=2)))  # 8 each, no empty batch
 
 
-def test_weighted_sampler_balances_classes(tmp_path):
+def blob(n: int, size: int = 33) -> torch.Tensor:
+    """``n`` copies of a soft spot 6 px above and 4 px right of the centre, uint8 (n, 1, size, size)."""
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    spot = torch.exp(-((yy - (size - 1) / 2 + 6) ** 2 + (xx - (size - 1) / 2 - 4) ** 2) / 4.5)
+    return (spot * 255).round().to(torch.uint8).expand(n, 1, size, size).contiguous()
+
+
+def centre_of_mass(images: torch.Tensor) -> torch.Tensor:
+    """(x, y) of each image's centre of mass, from the image centre, in pixels."""
+    h, w = images.shape[-2:]
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    mass = images[:, 0].sum((1, 2))
+    x, y = ((images[:, 0] * grid).sum((1, 2)) / mass for grid in (xx, yy))
+    return torch.stack([x - (w - 1) / 2, y - (h - 1) / 2], 1)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"degrees": 10},
+        {"translate": 0.1},
+        {"scale": (0.8, 1.2)},
+        {"degrees": 10, "translate": 0.1, "scale": (0.8, 1.2)},
+    ],
+)
+def test_affine_augmentation_turns_zooms_and_shifts_each_image_by_what_it_drew(settings):
+    """Each image's spot moves where the drawn angle (degrees), zoom and shift (a fraction of the size) put it:
+    the draws in their order, uniform over the ranges asked (both signs), within 0.1 px."""
+    n, size = 256, 33
+    torch.manual_seed(1)
+    moved = centre_of_mass(BatchAugment(**settings)(blob(n)))
+    torch.manual_seed(1)
+    degrees, translate = settings.get("degrees", 0), settings.get("translate", 0)
+    ranges = [(-degrees, degrees), settings.get("scale", (1, 1)), (-translate, translate), (-translate, translate)]
+    angle, zoom, shift_x, shift_y = (torch.rand(n) * (high - low) + low for low, high in ranges)
+    x, y = centre_of_mass(blob(1).float())[0]
+    turn = angle * math.pi / 180
+    expected_x = zoom * (torch.cos(turn) * x - torch.sin(turn) * y) + shift_x * size
+    expected_y = zoom * (torch.sin(turn) * x + torch.cos(turn) * y) + shift_y * size
+    torch.testing.assert_close(moved, torch.stack([expected_x, expected_y], 1), rtol=0, atol=0.1)
+    for drawn, (low, high) in zip((angle, zoom, shift_x), ranges, strict=False):
+        assert low == high or drawn.min() < low + 0.1 * (high - low) and drawn.max() > high - 0.1 * (high - low)
+    assert torch.equal(BatchAugment()(blob(4)), blob(4) / 255)  # the default: no augmentation
+
+
+def test_weighted_sampler_balances_classes(tmp_path, mnist_root):
     root = write_image_folder(tmp_path / "imgs", {"red": 40, "stripes": 8})
     for kind in ("torchvision", "tensor"):
         dm = ImageFolderDataModule(
@@ -207,6 +444,10 @@ def test_weighted_sampler_balances_classes(tmp_path):
         train = dm.train_dataloader()
         labels = torch.cat([y for _ in range(30) for _, y in train])
         assert abs(labels.float().mean().item() - 0.5) < 0.05, kind  # 6/36 = 0.17 without the sampler
+    mnist = MNISTDataModule(data_dir=mnist_root, sampler="weighted")  # training split: a Subset of the file
+    mnist.setup("fit")
+    labels = torch.as_tensor(mnist.splits["train"].dataset.targets)[mnist.splits["train"].indices]
+    assert torch.equal(mnist.train_weights() * torch.bincount(labels)[labels], torch.ones(540, dtype=torch.float64))
 
 
 def test_folder_splits_are_stratified_and_seeded(image_root, tmp_path):
@@ -236,45 +477,177 @@ def test_folder_splits_are_stratified_and_seeded(image_root, tmp_path):
     assert dm.splits["predict"][0][0].shape == (1, 16, 12) and dm.splits["predict"].targets == [-1] * 4
 
 
-def test_folder_statistics_and_checks_are_computed_once_and_cached(tmp_path):
-    root = write_image_folder(tmp_path / "imgs", {"red": 5, "stripes": 5})
+def test_a_missing_test_folder_is_carved_from_train_and_known_before_training(tmp_path):
+    """Split folders without test/: test_split of train/ (stratified) is the test split; has_split says so
+    without reading an image."""
+    write_image_folder(tmp_path / "split" / "train", {"red": 10, "stripes": 10})
+    write_image_folder(tmp_path / "split" / "val", {"red": 2, "stripes": 2}, seed=1)
+    dm = ImageFolderDataModule(tmp_path / "split", image_size=8, test_split=0.2)
+    assert dm.has_split("test") and dm.has_split("val") and not dm.has_split("predict")
+    assert not (tmp_path / "split" / folder.CHECKS).exists()  # nothing decoded yet
+    for name, per_class in (("train", 8), ("val", 2), ("test", 2)):
+        labels = [label for _, label in dm.samples[name]]
+        assert [labels.count(k) for k in range(2)] == [per_class] * 2, name
+    assert not set(dm.samples["test"]) & set(dm.samples["train"])
+    dm.setup("test")
+    assert len(dm.splits["test"]) == 4
+    untested = ImageFolderDataModule(tmp_path / "split", test_split=0.0)
+    assert not untested.has_split("test")
+    with pytest.raises(UserError, match=f"ImageFolderDataModule has no test images in {tmp_path / 'split'}"):
+        untested.setup("test")
+    assert ImageFolderDataModule(tmp_path / "split" / "train", val_split=0.0, test_split=0.0).has_split("val")
+
+
+def test_a_class_too_small_to_split_is_named_in_one_warning_line(tmp_path, caplog):
+    root = write_image_folder(tmp_path / "imgs", {"red": 10, "stripes": 10, "solo": 1, "alone": 1})
+    with caplog.at_level(logging.WARNING):
+        samples = ImageFolderDataModule(root, image_size=8).samples
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--data.{name}_split takes no sample of class alone, solo (too few): none in that split; add samples"
+        for name in ("test", "val")
+    ]
+    assert [label for _, label in samples["train"]].count(2) == 1  # "solo" (class 2) trains
+
+
+def test_folder_statistics_and_checks_are_computed_once_and_cached(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "imgs"
+    write_alpha_icons(root / "train", n=5)  # the statistics see the images composited onto white
     dm = ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0)
-    pixels = torch.stack([dm._dataset(dm.samples["train"])[i][0] for i in range(8)]).double() / 255
+    pixels = torch.stack([read_image(p, "RGB", (8, 8)) for p, _ in dm.samples["train"]]).double() / 255
     np.testing.assert_allclose(dm.mean, pixels.mean(dim=(0, 2, 3)).numpy(), atol=1e-6)
     np.testing.assert_allclose(dm.std, pixels.std(dim=(0, 2, 3), correction=0).numpy(), atol=1e-6)
-    (cached,) = root.glob(".stats-*.json")
-    assert json.loads(cached.read_text())["mean"] == list(dm.mean)
-    cached.write_text(json.dumps({"unreadable": {}, "mean": [0.0] * 3, "std": [1.0] * 3}))
-    assert ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0).mean == (0.0, 0.0, 0.0)
+    cache = root / folder.CHECKS
+    decoded = []
+    monkeypatch.setattr(folder, "read_image", lambda path, *args: decoded.append(path) or read_image(path, *args))
+    other = ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0)  # another process or command
+    assert other.mean == dm.mean and decoded == []
+    other.setup("fit")
+    assert decoded == []  # a test or predict of the run does not verify the images again
+    assert len(ImageFolderDataModule(root, image_size=6, val_split=0.2, test_split=0.0).mean) == 3  # another size
+    assert sorted(decoded) == sorted(str(p) for p in root.glob("train/*/*.png"))  # each image once
+    assert [p.name for p in root.iterdir() if p.is_file()] == [folder.CHECKS]  # one file per folder
+    write_alpha_icons(root / "train", n=6, seed=1)  # the files changed: checked again, the stale results replaced
+    grown = ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0)
+    assert grown.mean != dm.mean
+    cache.write_text('{"files": "trunc')  # a damaged file is computed again
+    assert ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0).mean == grown.mean
+    cache.unlink()
+    cache.mkdir()  # cannot be written: one warning line, the data still serves
+    with caplog.at_level(logging.WARNING):
+        blocked = ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0)
+        assert blocked.mean == grown.mean
+    assert [r.getMessage() for r in caplog.records] == [
+        f"could not keep the image checks in {cache} (Is a directory); every run repeats them"
+    ]
 
 
-def test_unreadable_images_are_named_or_skipped(tmp_path):
+def test_unreadable_images_are_named_with_their_split_or_skipped(tmp_path):
     root = write_image_folder(tmp_path / "imgs", {"red": 5, "stripes": 5})
-    bad = root / "stripes" / "002.png"
-    bad.write_bytes(bad.read_bytes()[:40])
     common = dict(val_split=0.2, test_split=0.0, mean=[0.5] * 3, std=[0.5] * 3)
-    with pytest.raises(UserError, match=r"cannot read image .*002\.png"):
-        ImageFolderDataModule(root, **common)
-    dm = ImageFolderDataModule(root, on_corrupt="skip", **common)
-    assert len(dm.samples["train"]) + len(dm.samples["val"]) == 9
-    jpeg = root / "red" / "cut.jpg"  # header intact, image data cut: passes the check, fails when read
+    jpeg = root / "red" / "cut.jpg"  # header intact, image data cut: passes PIL's verify, fails to decode
     draw("red", np.random.default_rng(0), 64).save(jpeg)
     jpeg.write_bytes(jpeg.read_bytes()[:-400])
+    dm = ImageFolderDataModule(root, **common)
+    split = next(s for s in ("train", "val") if str(jpeg) in [p for p, _ in dm.samples[s]])
+    with pytest.raises(
+        UserError, match=rf"cannot read image .*cut\.jpg \(OSError: image file is truncated.*in the {split} split"
+    ):
+        dm.setup("fit")
+    bad = root / "stripes" / "002.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    os.symlink(tmp_path / "nowhere.png", root / "stripes" / "gone.png")  # a broken link
+    with pytest.raises(UserError, match=r"3 image\(s\) cannot be read: remove them or set --data.on_corrupt skip"):
+        ImageFolderDataModule(root, **common).setup("fit")
     dm = ImageFolderDataModule(root, on_corrupt="skip", **common)
     dm.setup("fit")
-    split = next(dm.splits[s] for s in ("train", "val") if str(jpeg) in [p for p, _ in dm.samples[s]])
-    with pytest.raises(UserError, match=r"cannot read image .*cut\.jpg"):
-        [split[i] for i in range(len(split))]
+    assert len(dm.splits["train"]) + len(dm.splits["val"]) == 9
+    for name in ("train", "val"):
+        assert [dm.splits[name][i][0].shape for i in range(len(dm.splits[name]))]  # every image left decodes
 
 
 def test_empty_root_or_class_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no class folders"):
-        ImageFolderDataModule(tmp_path / "empty")
+        ImageFolderDataModule(tmp_path / "empty").has_split("train")
     root = write_image_folder(tmp_path / "imgs", {"red": 5})
     (root / "b").mkdir()
     (root / "b" / "notes.txt").write_text("not an image")
     with pytest.raises(UserError, match="Found no valid file for the classes b"):
-        ImageFolderDataModule(root)
-    with pytest.raises(UserError, match="not found"):
-        ImageFolderDataModule(tmp_path / "missing")
+        ImageFolderDataModule(root).has_split("train")
+    with pytest.raises(UserError, match="image folder .*missing not found"):
+        ImageFolderDataModule(tmp_path / "missing").setup("fit")
+    with pytest.raises(UserError, match="--data.background: unknown colour 'nocolour'; give a name or #rrggbb"):
+        ImageFolderDataModule(root, background="nocolour")
+
+
+def test_a_bad_image_size_is_one_short_line(image_root, tmp_path, capsys):
+    (tmp_path / "size.yaml").write_text("data:\n  init_args:\n    image_size: abc\n")
+    folder_args = ["fit", f"--config={CONFIGS / 'folder.yaml'}", CSV, f"--data.init_args.data_dir={image_root}"]
+    for wrong in (f"--config={tmp_path / 'size.yaml'}", "--data.image_size=abc"):
+        assert fails([*folder_args, wrong], capsys) == "error: data.image_size: Expected a <class 'int'>, got abc"
+
+
+def test_predicting_unlabelled_images_needs_no_training_folder(tmp_path):
+    """predict_dir alone: the training folder may be gone (or hold a broken image) and is never listed or read."""
+    new = write_image_folder(tmp_path / "new", {"a": 3}, seed=4)
+    (new / "a" / "notes.txt").write_text("not an image")
+    training = write_image_folder(tmp_path / "train", {"red": 4, "stripes": 4})
+    (training / "red" / "000.png").write_bytes(b"broken")
+    for data_dir in (tmp_path / "gone", training):
+        dm = ImageFolderDataModule(data_dir, image_size=8, predict_dir=str(new))
+        dm.prepare_data()
+        dm.setup("predict")
+        x, y = collect(dm.predict_dataloader())
+        assert x.shape == (3, 3, 8, 8) and y.tolist() == [-1] * 3
+    assert not (tmp_path / "gone").exists() and not (training / folder.CHECKS).exists()
+    with pytest.raises(UserError, match=f"--data.predict_dir {tmp_path / 'nope'} not found"):
+        ImageFolderDataModule(tmp_path / "gone", predict_dir=str(tmp_path / "nope"))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match=f"no images found in --data.predict_dir {tmp_path / 'empty'}"):
+        ImageFolderDataModule(tmp_path / "gone", predict_dir=str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("case", VIEWER_CASES)
+def test_images_are_read_as_a_viewer_shows_them(case, tmp_path):
+    """Transparency over the background, EXIF orientation, 16-bit and float scaled, CMYK converted, the first frame
+    of an animation: each file format-exact, read through predict_dir as every path reads it."""
+    folder = tmp_path / "images" / case  # a class folder holding the one file, and predict_dir
+
+    def seen(**kwargs) -> np.ndarray:
+        dm = ImageFolderDataModule(folder.parent, mean=[0.5] * channels, std=[0.5] * channels, **kwargs)
+        dm.setup("predict")
+        return collect(dm.predict_dataloader())[0][0].permute(1, 2, 0).numpy()
+
+    channels, expected = write_viewer_case(case, folder)
+    size = expected.shape[:2]
+    np.testing.assert_array_equal(seen(image_size=size, channels=channels, predict_dir=str(folder)), expected)
+    if case == "rgba":
+        red = seen(image_size=size, background="#ff0000", predict_dir=str(folder))
+        assert red[:, :3].max() == 0 and (red[:, 3:] == [255, 0, 0]).all()
+
+
+def test_a_class_drawn_only_in_the_alpha_channel_is_learnable(tmp_path):
+    """PNG icons whose RGB is black everywhere, the shape only in alpha: composited onto white they are two
+    different pictures (converted without alpha both would be blank, and accuracy 50%)."""
+    root = write_alpha_icons(tmp_path / "icons", n=24)
+    cli = fit(
+        "folder.yaml",
+        root,
+        "--data.init_args.image_size=12",
+        "--data.init_args.augment=none",
+        "--data.init_args.val_split=0.25",
+        "--data.init_args.test_split=0.25",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.mean=[0.5,0.5,0.5]",  # given: the statistics test covers computed ones
+        "--data.init_args.std=[0.5,0.5,0.5]",
+        "--model.init_args.net.init_args.width=8",
+        "--trainer.max_epochs=6",
+    )
+    assert float(cli.trainer.callback_metrics["test/acc"]) >= 0.9
+
+
+def test_torchvision_md5_lists_are_patched_only_inside_cifar_tests():
+    """The cifar_root fixture patches them for its own test only (this file's CIFAR tests ran before this one)."""
+    assert datasets.CIFAR10.train_list[0] == ["data_batch_1", "c99cafc152244af753f735de768cd75f"]
+    assert datasets.CIFAR100.meta["md5"] == "7973b15100ade9c7d40fb424638fde48"

@@ -64,6 +64,7 @@ def test_every_readme_command_runs_as_written(tmp_path, mnist_root, cifar_root, 
     shutil.copytree(mnist_root, tmp_path / "data")
     shutil.copytree(cifar_root[0], tmp_path / "data", dirs_exist_ok=True)
     shutil.copytree(image_root, tmp_path / "my_images")
+    shutil.copytree(image_root / "red", tmp_path / "new_images")  # unlabelled images to predict
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     for name, text in shown_files().items():
         (tmp_path / name).write_text(text)

@@ -1,10 +1,12 @@
 """The data module every image data set shares: splits, loaders and batch augmentation."""
 
+import logging
 import os
 import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 from project.data.batches import BatchAugment, InMemory, TensorLoader, decode, whole_batch
 from project.errors import UserError, require
 
+log = logging.getLogger(__name__)
 Split = Literal["train", "val", "test"]
+READ_ERRORS = (AssertionError, EOFError, OSError, pickle.UnpicklingError, RuntimeError)  # torchvision's readers raise
 
 
 def targets(dataset: Dataset) -> list[int]:
@@ -28,14 +32,15 @@ def targets(dataset: Dataset) -> list[int]:
     return [int(t) for t in dataset.targets]
 
 
-def stratified_split(labels: Sequence[int], size: float, seed: int, flag: str) -> tuple[list[int], list[int]]:
+def stratified_split(labels: Sequence[Any], size: float, seed: int, flag: str) -> tuple[list[int], list[int]]:
     """Seeded ``(rest, taken)`` index lists, both in a random order; ``taken`` has ``size`` samples (a count, or a
-    fraction of all), every class in proportion (largest remainders get the odd ones)."""
+    fraction of all), every class (label) in proportion (largest remainders get the odd ones); a class too small to
+    give any is named in a warning."""
     n = len(labels)
     want = round(n * size) if isinstance(size, float) else int(size)
     require(0 <= want < n, f"{flag}={size} leaves no training data out of {n} samples; lower {flag}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    members: dict[int, list[int]] = {}
+    members: dict[Any, list[int]] = {}
     for i in order:
         members.setdefault(labels[i], []).append(i)
     quota = {c: want * len(m) / n for c, m in members.items()}
@@ -43,10 +48,9 @@ def stratified_split(labels: Sequence[int], size: float, seed: int, flag: str) -
     for c in sorted(quota, key=lambda c: take[c] - quota[c])[: want - sum(take.values())]:
         take[c] += 1
     for c, m in members.items():
-        require(
-            take[c] < len(m) or not m,
-            f"class {c} has {len(m)} samples, too few to split off {take[c]}; add samples or lower {flag}",
-        )
+        require(take[c] < len(m), f"class {c} has {len(m)} samples, too few to split off {take[c]}; add samples")
+    if none := [str(c) for c in sorted(members) if want and not take[c]]:
+        log.warning("%s takes no sample of class %s (too few): none in that split; add samples", flag, ", ".join(none))
     chosen = {i for c, m in members.items() for i in m[: take[c]]}
     return [i for i in order if i not in chosen], [i for i in order if i in chosen]
 
@@ -114,7 +118,6 @@ class ImageDataModule(LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.val_split, self.augment, self.seed = val_split, augment, seed
         self.predict_split, self.loader, self.sampler = predict_split, loader, sampler
-        self.sources: dict[str, Dataset | Callable[[], Dataset]] | None = None  # make_datasets(), read once
         self.splits: dict[str, Dataset] = {}  # the splits a stage needed so far, ready to serve
 
     @property
@@ -140,24 +143,35 @@ class ImageDataModule(LightningDataModule):
 
     # ---- LightningDataModule hooks -----------------------------------------------------------------------
     def prepare_data(self) -> None:
-        if self.files_present():
-            return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.data_dir, prefix=".download-") as tmp:
-            try:
-                self.download(Path(tmp))
-            except Exception as err:  # offline, refused, corrupt: all end the same way for the user
-                raise UserError(f"{self.missing_data_message()} (download failed: {type(err).__name__})") from err
-            for entry in Path(tmp).iterdir():
-                target = self.data_dir / entry.name
-                if target.exists():
-                    shutil.copytree(entry, target, dirs_exist_ok=True)
-                else:
-                    os.replace(entry, target)
+        try:
+            if self.files_present():
+                return
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.data_dir, prefix=".download-") as tmp:
+                try:
+                    self.download(Path(tmp))
+                except Exception as err:  # offline, refused, corrupt: all end the same way for the user
+                    raise UserError(f"{self.missing_data_message()} (download failed: {type(err).__name__})") from err
+                for entry in Path(tmp).iterdir():
+                    target = self.data_dir / entry.name
+                    if target.exists():
+                        shutil.copytree(entry, target, dirs_exist_ok=True)
+                    else:
+                        os.replace(entry, target)
+        except OSError as err:  # unpacking or moving into place: nothing half-written stays
+            path = err.filename or self.data_dir
+            raise UserError(f"cannot write {path}: {err.strerror}; set --data.data_dir to a writable folder") from err
+
+    @cached_property
+    def sources(self) -> dict[str, Dataset | Callable[[], Dataset]]:
+        """``make_datasets()``, called once."""
+        return self.read(self.make_datasets)
+
+    def has_split(self, name: str) -> bool:
+        """Whether the split ``name`` (train, val, test or predict) will have data; cheap: nothing is decoded."""
+        return name in self.sources or (name == "val" and "train" in self.sources)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.sources is None:
-            self.sources = self.read(self.make_datasets)
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": [self.predict_name]}
         for name in wanted.get(stage, ["train", "val", "test"]):
             if name not in self.splits:
@@ -168,7 +182,6 @@ class ImageDataModule(LightningDataModule):
                 self.splits[name] = InMemory(images.to(device), labels.to(device), source=self.splits[name])
 
     def make_split(self, name: str) -> None:
-        assert self.sources is not None
         if name in ("train", "val") and "val" not in self.sources:
             require("train" in self.sources, f"{type(self).__name__} has no train images in {self.data_dir}")
             train = self.read(self.sources["train"])
@@ -187,10 +200,10 @@ class ImageDataModule(LightningDataModule):
             return make
         try:
             return make()
-        except (AssertionError, EOFError, pickle.UnpicklingError, RuntimeError) as err:  # torchvision's readers
+        except READ_ERRORS as err:
             raise UserError(
-                f"could not read the data set in {self.data_dir} ({type(err).__name__}: {str(err)[:120]}); a file "
-                f"is probably truncated or corrupt: delete it and copy it again"
+                f"could not read the data set in {self.data_dir} ({type(err).__name__}: {str(err)[:200]}); a file "
+                f"is probably truncated or corrupt: delete it and copy it again, or set --data.data_dir"
             ) from err
 
     def train_weights(self) -> Tensor | None:
@@ -223,14 +236,10 @@ class ImageDataModule(LightningDataModule):
     def _dataloader(self, data: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         if isinstance(data, InMemory):
             return DataLoader(data, batch_size=batch_size, collate_fn=whole_batch, **kwargs)
-        return DataLoader(
-            data,
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            **kwargs,
+        workers = dict(
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers
         )
+        return DataLoader(data, batch_size=batch_size, **workers, **kwargs)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_dataloader("val")
@@ -240,26 +249,19 @@ class ImageDataModule(LightningDataModule):
 
     @property
     def predict_name(self) -> str:
-        """``predict`` when the data set has its own unlabelled images (ImageFolder's predict_dir), else
-        predict_split."""
-        return "predict" if "predict" in (self.sources or {}) else self.predict_split
+        """``predict`` with unlabelled images of its own (ImageFolder's predict_dir), else predict_split."""
+        return "predict" if self.has_split("predict") else self.predict_split
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_dataloader(self.predict_name)
 
     def augment_batch(self, images: Tensor) -> Tensor:
         """The ``augment`` preset applied to a uint8 batch: float images in [0, 1]."""
-        if self.augment == "standard":
-            return self.standard_augment(images)
-        return images
+        return self.standard_augment(images) if self.augment == "standard" else images
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # (images, labels) of a training step; not the model summary's example input, a bare tensor
-        if (
-            isinstance(batch, (list, tuple))
-            and self.trainer is not None
-            and self.trainer.training
-            and self.augment != "none"
-        ):
+        training = self.trainer is not None and self.trainer.training
+        if training and self.augment != "none" and isinstance(batch, (list, tuple)):
             return (self.augment_batch(batch[0]), *batch[1:])
         return batch

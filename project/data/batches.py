@@ -52,19 +52,11 @@ class BatchAugment:
             x = as_float(x)
             angle = uniform(-self.degrees, self.degrees) * (math.pi / 180)
             zoom = uniform(*self.scale)
-            shift_x, shift_y = (
-                uniform(-self.translate, self.translate) * 2,
-                uniform(-self.translate, self.translate) * 2,
-            )
+            shift = torch.stack([uniform(-self.translate, self.translate) * 2 for _ in "xy"], dim=1)[..., None]
             # affine_grid maps output to input coordinates in [-1, 1]: the inverse of the forward transform
             cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-            theta = torch.stack(
-                [
-                    torch.stack([cos, sin, -(cos * shift_x + sin * shift_y)], dim=1),
-                    torch.stack([-sin, cos, -(-sin * shift_x + cos * shift_y)], dim=1),
-                ],
-                dim=1,
-            )
+            turn = torch.stack([cos, sin, -sin, cos], dim=1).view(n, 2, 2)
+            theta = torch.cat([turn, -(turn @ shift)], dim=2)
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.crop_padding or self.flip:
@@ -130,11 +122,8 @@ def decode(dataset: Dataset, num_workers: int = 0) -> tuple[Tensor, Tensor]:
         if index is not None:
             images, labels = images.index_select(0, index), labels.index_select(0, index)  # 2x faster than [index]
         return images.contiguous(), labels
-    images, labels = [], []
-    for x, y in DataLoader(dataset, batch_size=512, num_workers=num_workers):
-        images.append(x)
-        labels.append(torch.as_tensor(y))
-    return torch.cat(images).contiguous(), torch.cat(labels).long()
+    batches = list(DataLoader(dataset, batch_size=512, num_workers=num_workers))
+    return torch.cat([x for x, _ in batches]).contiguous(), torch.cat([torch.as_tensor(y) for _, y in batches]).long()
 
 
 class TensorLoader:

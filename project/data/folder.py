@@ -4,72 +4,75 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from project.data.base import ImageDataModule, stratified_split
-from project.data.batches import BatchAugment, decode
+from project.data.batches import BatchAugment
+from project.data.images import read_image, rgb
 from project.errors import UserError, require
+from project.files import atomic_write
 
 log = logging.getLogger(__name__)
 Sample = tuple[str, int]
+CHECKS = ".image-checks.json"  # one per image folder: unreadable files and statistics, valid while no file changes
+EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 
 
 class ImageFiles(Dataset):
-    """(uint8 CHW image, label) pairs read with PIL, converted to ``mode`` ("L" or "RGB") and resized to ``size``
-    (height, width) with bilinear filtering: the same rule an exported model's metadata states."""
+    """(uint8 CHW image, label) pairs of image files, each read by :func:`read_image`: as a viewer shows it, in
+    ``mode`` ("L" or "RGB"), resized to ``size`` (height, width); the rule an exported model's metadata states.
+    ``checking``: ``(image, label, why)`` instead, ``why`` saying why a file cannot be decoded (then label -1)."""
 
-    def __init__(self, samples: Sequence[Sample], mode: str, size: tuple[int, int]) -> None:
+    def __init__(self, samples: Sequence[Sample], mode: str, size: tuple, background: str, checking: bool = False):
         self.samples, self.targets = list(samples), [label for _, label in samples]
-        self.mode, self.size = mode, size
+        self.mode, self.size, self.background, self.checking = mode, size, background, checking
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert(self.mode).resize(self.size[::-1], Image.Resampling.BILINEAR)
-        except Exception as err:  # damage that the header check does not see (e.g. a cut-off JPEG)
-            raise UserError(f"cannot read image {path} ({type(err).__name__}: {err})") from err
-        return pil_to_tensor(image), label
+            image = read_image(path, self.mode, self.size, self.background)  # type: ignore[arg-type]
+        except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+            why = f"cannot read image {path} ({type(err).__name__}: {err})"
+            if not self.checking:
+                raise UserError(why) from err
+            return torch.zeros(len(self.mode), *self.size, dtype=torch.uint8), -1, why
+        return (image, label, "") if self.checking else (image, label)
 
 
-def unreadable(path: str) -> str | None:
-    """Why ``path`` is not a usable image (PIL's ``verify``: header and, for PNG, checksums), or None."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
-        return f"{type(err).__name__}: {err}"
-    return None
+def stamp(path: str) -> list:
+    """Name, size and time of a file; the name alone for a broken link (decoding it fails and says why)."""
+    status = os.stat(path) if os.path.exists(path) else None
+    return [path, status.st_size, status.st_mtime_ns] if status else [path]
 
 
 class ImageFolderDataModule(ImageDataModule):
     """Images in ``data_dir/<class name>/*.png|jpg|...``, or in ``data_dir/{train,val,test}/<class name>/``.
 
-    Class names are the sub-folder names, sorted (torchvision's ``find_classes``/``make_dataset``). Without split
-    folders, the test and validation sets are seeded, stratified parts of all images; with a ``train/`` folder,
-    ``val/`` and ``test/`` are used when present and a missing ``val/`` is carved out of ``train/``. Every image
-    is checked once (PIL ``verify``) and the result cached with the normalization statistics in
-    ``data_dir/.stats-<hash>.json`` (the hash covers the file list, sizes, times, image size and channels).
+    Class names are the sub-folder names, sorted (torchvision's ``find_classes``/``make_dataset``). A missing
+    ``test/`` and ``val/`` are seeded, stratified parts of ``train/`` (or of all images, without split folders).
+    Every image is read by :func:`project.data.images.read_image`. The folders are listed on first need (a predict
+    with ``predict_dir`` never touches ``data_dir``); every image is decoded once to find unreadable ones, and the
+    result is kept with the statistics in ``data_dir/.image-checks.json``, so later runs and processes reuse them.
 
     Args:
         data_dir: the root folder.
         image_size: every image is resized to this (one int: square; or [height, width]).
         channels: 1 (grayscale) or 3 (RGB); images are converted on load.
+        background: the colour transparent pixels are composited onto (a name or ``#rrggbb``).
         mean, std: per-channel normalization (linked into the model); None: computed from the training split.
-        val_split: fraction of the images used for validation (of ``train/`` with split folders).
-        test_split: fraction of the images used for testing (only without split folders).
-        on_corrupt: ``error``: stop naming the first unreadable image; ``skip``: leave unreadable images out.
+        val_split: fraction of the images used for validation, when there is no ``val/`` folder.
+        test_split: fraction of the images used for testing, when there is no ``test/`` folder.
+        on_corrupt: ``error``: stop naming the first image that cannot be decoded; ``skip``: leave those out.
         predict_dir: a folder of unlabelled images (searched recursively) for ``predict``.
         **kwargs: see :class:`ImageDataModule`.
     """
@@ -81,6 +84,7 @@ class ImageFolderDataModule(ImageDataModule):
         data_dir: str | os.PathLike = "data",
         image_size: int | tuple[int, int] = 64,
         channels: Literal[1, 3] = 3,
+        background: str = "white",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         val_split: float = 0.2,
@@ -98,90 +102,124 @@ class ImageFolderDataModule(ImageDataModule):
         )
         require((mean is None) == (std is None), "give both --data.mean and --data.std, or neither")
         require(mean is None or len(mean) == len(std) == channels, f"--data.mean and --data.std need {channels} values")
-        self.channels, self.image_shape = channels, (channels, *self.size)
-        self.test_split, self.on_corrupt = test_split, on_corrupt
-        self.predict_dir = Path(predict_dir) if predict_dir else None
-        self.samples = self._scan()
-        checked = self._inspect(need_stats=mean is None)
-        self.samples = {name: self._usable(samples, checked["unreadable"]) for name, samples in self.samples.items()}
-        self.mean, self.std = tuple(mean or checked["mean"]), tuple(std or checked["std"])
+        try:
+            rgb(background)
+        except ValueError:
+            raise UserError(f"--data.background: unknown colour {background!r}; give a name or #rrggbb") from None
+        self.channels, self.image_shape, self.background = channels, (channels, *self.size), background
+        self.test_split, self.on_corrupt, self.given = test_split, on_corrupt, (mean, std)
+        self.predict_files: list[str] = []
+        if predict_dir:
+            folder = Path(predict_dir)
+            require(folder.is_dir(), f"--data.predict_dir {folder} not found; give a folder of images")
+            found = (str(p) for p in sorted(folder.rglob("*")) if has_file_allowed_extension(str(p), EXTENSIONS))
+            self.predict_files = list(found)
+            require(self.predict_files, f"no images found in --data.predict_dir {folder} (searched recursively)")
 
-    def _scan(self) -> dict[str, list[Sample]]:
+    class_names = property(lambda self: self.found[0])
+    samples = property(lambda self: self.found[1])  # the files of each split that has any, checked or not
+    mean = property(lambda self: tuple(self.given[0] or self.checked["mean"]))
+    std = property(lambda self: tuple(self.given[1] or self.checked["std"]))
+
+    @cached_property
+    def found(self) -> tuple[list[str], dict[str, list[Sample]]]:
         root = self.data_dir
         require(
             root.is_dir(), f"image folder {root} not found; set --data.data_dir to a folder with a folder per class"
         )
         base = root / "train" if (root / "train").is_dir() else root
         try:
-            self.class_names, class_to_idx = find_classes(base)
+            names, class_to_idx = find_classes(base)
         except FileNotFoundError:
             raise UserError(f"no class folders in {base}: put each class's images in {base}/<class name>/") from None
         splits = {"train": self._list(base, class_to_idx)}
         for name in ("val", "test") if base != root else ():
             if (root / name).is_dir():
-                unknown = sorted(set(find_classes(root / name)[0]) - set(self.class_names))
+                unknown = sorted(set(find_classes(root / name)[0]) - set(names))
                 require(not unknown, f"{root / name} has class folders not in train/: {', '.join(unknown)}")
                 splits[name] = self._list(root / name, class_to_idx, allow_empty=True)
-        if base == root:  # no split folders: stratified test and validation parts of all images
-            everything = splits.pop("train")
-            labels = [label for _, label in everything]
-            rest, test = stratified_split(labels, self.test_split, self.seed, "--data.test_split")
-            fraction = self.val_split / (1 - self.test_split)
-            train, val = stratified_split([labels[i] for i in rest], fraction, self.seed, "--data.val_split")
-            splits = {"train": [everything[rest[i]] for i in train], "val": [everything[rest[i]] for i in val]}
-            splits |= {"test": [everything[i] for i in test]} if test else {}
-        return splits
+        carved = 0.0 if "test" in splits else self.test_split  # val_split stays a fraction of all the images
+        for name, fraction in (("test", self.test_split), ("val", self.val_split / (1 - carved))):
+            if name not in splits:
+                train, flag = splits["train"], f"--data.{name}_split"
+                rest, part = stratified_split([names[label] for _, label in train], fraction, self.seed, flag)
+                splits["train"], splits[name] = [train[i] for i in rest], [train[i] for i in part]
+        return names, {name: samples for name, samples in splits.items() if samples}
 
     @staticmethod
     def _list(folder: Path, class_to_idx: dict[str, int], allow_empty: bool = False) -> list[Sample]:
         try:
-            return make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=allow_empty)
+            return make_dataset(folder, class_to_idx, extensions=EXTENSIONS, allow_empty=allow_empty)
         except FileNotFoundError as err:  # "Found no valid file for the classes b. Supported extensions are: ..."
             raise UserError(f"{folder}: {err}") from None
 
-    def _inspect(self, need_stats: bool) -> dict[str, Any]:
-        """Unreadable files of every split, and the training split's mean and std: read from the cache, or computed
-        once and cached (written atomically)."""
-        files = sorted(path for samples in self.samples.values() for path, _ in samples)
-        stamp = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
-        key = hashlib.sha256(json.dumps([stamp, self.size, self.channels]).encode()).hexdigest()[:16]
-        cache = self.data_dir / f".stats-{key}.json"
-        checked = json.loads(cache.read_text()) if cache.is_file() else {}
-        if "unreadable" not in checked:
-            checked["unreadable"] = {p: why for p in files if (why := unreadable(p)) is not None}
-        if need_stats and "mean" not in checked:
-            train = self._dataset(self._usable(self.samples["train"], checked["unreadable"], quiet=True))
-            x = decode(train, self.num_workers)[0].double().div_(255).transpose(0, 1).flatten(1)
-            checked |= {"mean": x.mean(1).tolist(), "std": x.std(1, correction=0).tolist()}
-        partial = cache.with_name(f"{cache.name}.partial-{os.getpid()}")
+    @cached_property
+    def checked(self) -> dict[str, Any]:
+        """The unreadable images of every split, and the training images' mean and std (unless given): from
+        ``data_dir/.image-checks.json`` while no file changed, else every image decoded once and the file rewritten."""
+        split_of = {path: name for name, samples in self.samples.items() for path, _ in samples}
+        files = hashlib.sha256(json.dumps([stamp(path) for path in sorted(split_of)]).encode()).hexdigest()
+        setting = [*self.size, self.channels, self.background, self.seed, self.val_split, self.test_split]
+        cache = self.data_dir / CHECKS
         try:
-            partial.write_text(json.dumps(checked))
-            os.replace(partial, cache)
-        except OSError as err:
-            log.warning("could not cache image checks in %s (%s); they will be repeated next time", cache, err)
-        return checked
+            saved = json.loads(cache.read_text())
+        except (OSError, ValueError):  # none yet, or damaged: computed again
+            saved = {}
+        need_stats = self.given[0] is None and saved.get("setting") != setting
+        if saved.get("files") != files or need_stats:  # one file per folder, holding what is current
+            samples = [(path, int(name == "train")) for path, name in split_of.items()]
+            saved = {"files": files, "setting": setting if need_stats else None, **self._decode(samples, need_stats)}
+            try:
+                with atomic_write(cache, "w") as f:
+                    json.dump(saved, f)
+            except OSError as err:  # a read-only image folder still trains
+                log.warning("could not keep the image checks in %s (%s); every run repeats them", cache, err.strerror)
+        self._refuse_or_skip(saved["unreadable"], split_of)
+        return saved
 
-    def _usable(self, samples: list[Sample], bad: dict[str, str], quiet: bool = False) -> list[Sample]:
-        found = [path for path, _ in samples if path in bad]
-        if found and self.on_corrupt == "error":
-            raise UserError(
-                f"cannot read image {found[0]} ({bad[found[0]]}); {len(found)} unreadable file(s) in this split: "
-                f"remove them or set --data.on_corrupt skip"
-            )
-        if found and not quiet:
-            log.warning("skipped %d unreadable image(s), first: %s", len(found), found[0])
-        return [s for s in samples if s[0] not in bad]
+    def _decode(self, samples: list[Sample], stats: bool) -> dict[str, Any]:
+        """Decode each file once (DataLoader workers): {path: why} of those that fail, and with ``stats`` the mean
+        and std per channel of the readable ones labelled 1."""
+        loader = DataLoader(self._files(samples, checking=True), batch_size=256, num_workers=self.num_workers)
+        bad, total, squares, count = {}, 0.0, 0.0, 0
+        for start, (x, label, why) in zip(range(0, len(samples), 256), loader, strict=True):
+            bad |= {samples[start + i][0]: w for i, w in enumerate(why) if w}
+            x = x[label == 1].double().div_(255).transpose(0, 1).flatten(1)
+            total, squares, count = total + x.sum(1), squares + x.square().sum(1), count + x.shape[1]
+        if not stats:
+            return {"unreadable": bad}
+        require(count > 0, f"no readable training images in {self.data_dir}")
+        mean = total / count
+        std = (squares / count - mean**2).clamp_min(0).sqrt()
+        return {"unreadable": bad, "mean": mean.tolist(), "std": std.tolist()}
 
-    def _dataset(self, samples: Sequence[Sample]) -> ImageFiles:
-        return ImageFiles(samples, "L" if self.channels == 1 else "RGB", self.size)
+    def _refuse_or_skip(self, bad: dict[str, str], split_of: dict[str, str]) -> None:
+        if not bad:
+            return
+        first = min(bad)
+        require(
+            self.on_corrupt == "skip",
+            f"{bad[first]} in the {split_of[first]} split; {len(bad)} image(s) cannot be read: remove them or set "
+            f"--data.on_corrupt skip",
+        )
+        log.warning("skipped %d unreadable image(s), first: %s (%s split)", len(bad), first, split_of[first])
 
-    def make_datasets(self) -> dict[str, Dataset]:
-        splits = {name: self._dataset(samples) for name, samples in self.samples.items()}
-        if self.predict_dir:
-            files = sorted(
-                str(p) for p in self.predict_dir.rglob("*") if has_file_allowed_extension(str(p), IMG_EXTENSIONS)
-            )
-            require(bool(files), f"no images found in --data.predict_dir {self.predict_dir}")
-            bad = {p: why for p in files if (why := unreadable(p)) is not None}
-            splits["predict"] = self._dataset(self._usable([(p, -1) for p in files], bad))
-        return splits
+    def _files(self, samples: Sequence[Sample], checking: bool = False) -> ImageFiles:
+        return ImageFiles(samples, "L" if self.channels == 1 else "RGB", self.size, self.background, checking)
+
+    def _usable(self, name: str) -> ImageFiles:
+        return self._files([s for s in self.samples[name] if s[0] not in self.checked["unreadable"]])
+
+    def make_datasets(self) -> dict[str, Callable[[], Dataset]]:
+        return {name: partial(self._usable, name) for name in self.samples}
+
+    def has_split(self, name: str) -> bool:
+        return bool(self.predict_files) if name == "predict" else super().has_split(name)
+
+    def make_split(self, name: str) -> None:
+        if name != "predict":  # unlabelled images: never the training folder
+            return super().make_split(name)
+        samples = [(path, -1) for path in self.predict_files]
+        bad = self._decode(samples, stats=False)["unreadable"]
+        self._refuse_or_skip(bad, dict.fromkeys(bad, "predict"))
+        self.splits[name] = self._files([s for s in samples if s[0] not in bad])

@@ -1,20 +1,23 @@
 """MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 on torchvision's dataset classes and on-disk formats."""
 
 import gzip
-import os
 import shutil
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
+from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 from torchvision.transforms import v2
 
 from project.data.base import ImageDataModule
 from project.data.batches import BatchAugment
-from project.errors import UserError
+from project.errors import UserError, require
+from project.files import atomic_write
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -36,11 +39,11 @@ class _MNISTFamily(_TorchvisionDataModule):
     """28x28 grayscale images read from the raw IDX files under ``data_dir/<Name>/raw``.
 
     Args:
-        gz_dir: a folder holding the four ``*-idx?-ubyte.gz`` files; they are unpacked into ``data_dir`` once.
+        gz_dir: a folder holding the four ``*-idx?-ubyte.gz`` files, unpacked into ``data_dir`` (each checked: IDX
+            header, sizes) when the raw files are not there; a folder that does not exist is passed over.
         **kwargs: see :class:`ImageDataModule`.
     """
 
-    auto_gz_dirs: Sequence[str] = ()
     image_shape = (1, 28, 28)
     standard_augment = BatchAugment(degrees=10, translate=0.1, scale=(0.9, 1.1))
 
@@ -55,25 +58,32 @@ class _MNISTFamily(_TorchvisionDataModule):
     def files_present(self) -> bool:
         if all((self.raw_dir / name).is_file() for name in IDX_FILES):
             return True
-        for folder in [self.gz_dir] if self.gz_dir else self.auto_gz_dirs:
-            missing = [f"{n}.gz" for n in IDX_FILES if not (Path(folder) / f"{n}.gz").is_file()]
-            if not missing:
-                self._unpack(Path(folder))
-                return True
-            if self.gz_dir:
-                raise UserError(f"--data.gz_dir {self.gz_dir} lacks {', '.join(missing)}")
-        return False
-
-    def _unpack(self, source: Path) -> None:
-        self.raw_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.gz_dir and Path(self.gz_dir).is_dir()):
+            return False
+        missing = [f"{n}.gz" for n in IDX_FILES if not (Path(self.gz_dir) / f"{n}.gz").is_file()]
+        require(not missing, f"--data.gz_dir {self.gz_dir} lacks {', '.join(missing)}")
+        count = 0  # images in the file before: as many labels
         for name in IDX_FILES:
-            partial = self.raw_dir / f".{name}.partial-{os.getpid()}"
-            with gzip.open(source / f"{name}.gz", "rb") as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(partial, self.raw_dir / name)
+            gz = Path(self.gz_dir) / f"{name}.gz"
+            with atomic_write(self.raw_dir / name) as raw:  # in place only once checked
+                try:
+                    with gzip.open(gz) as packed:
+                        shutil.copyfileobj(packed, raw)
+                    raw.flush()
+                    data = read_sn3_pascalvincent_tensor(raw.name)  # torchvision's IDX reader: header, type, size
+                    count = len(data) if "images" in name else count
+                    ok = data.dtype == torch.uint8 and data.shape == ((count, 28, 28) if "images" in name else (count,))
+                except (AssertionError, EOFError, RuntimeError, gzip.BadGzipFile, zlib.error):
+                    ok = False
+                require(
+                    ok,
+                    f"{gz} is not a whole {self.dataset_class.__name__} IDX file, or its images and labels differ in "
+                    f"number; replace it, or set --data.gz_dir to a folder with good copies",
+                )
+        return True
 
     def missing_data_message(self) -> str:
-        where = f" or {' or '.join(self.auto_gz_dirs)}" if self.auto_gz_dirs else ""
+        where = f" or as .gz in --data.gz_dir {self.gz_dir}" if self.gz_dir else ""
         return (
             f"{self.dataset_class.__name__} not found: expected {', '.join(IDX_FILES)} in {self.raw_dir}{where}; "
             f"copy them there (plain or as .gz via --data.gz_dir DIR) or run once with internet access"
@@ -88,24 +98,15 @@ class MNISTDataModule(_MNISTFamily):
 
 
 class FashionMNISTDataModule(_MNISTFamily):
-    """Fashion-MNIST; also found in Debian's ``dataset-fashion-mnist`` package folder without any setting."""
+    """Fashion-MNIST; by default unpacked from Debian's ``dataset-fashion-mnist`` package folder when installed."""
 
     dataset_class = datasets.FashionMNIST
-    auto_gz_dirs = ("/usr/share/datasets/fashion-mnist",)
-    class_names = (
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    )
+    class_names = tuple(datasets.FashionMNIST.classes)
     mean = (0.2860,)
     std = (0.3530,)
+
+    def __init__(self, *args: Any, gz_dir: str | None = "/usr/share/datasets/fashion-mnist", **kwargs: Any) -> None:
+        super().__init__(*args, gz_dir=gz_dir, **kwargs)
 
 
 class _CIFAR(_TorchvisionDataModule):
