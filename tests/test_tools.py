@@ -429,6 +429,7 @@ def test_the_readme_tinynet_exports_and_compresses(mnist_root, tmp_path, monkeyp
     export and int8 compression take."""
     (tmp_path / "my_nets.py").write_text(shown_files()["my_nets.py"])
     monkeypatch.syspath_prepend(str(tmp_path))  # my_nets.py where the README puts it: the folder commands run in
+    monkeypatch.delitem(sys.modules, "my_nets", raising=False)  # imported here, forgotten after
     cli = fit(
         "mnist.yaml",
         mnist_root,
