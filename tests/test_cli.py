@@ -78,10 +78,10 @@ class Net(nn.Module):
 
 def test_a_net_taking_only_the_linked_arguments(mnist_root, tmp_path, monkeypatch):
     """A new net is one file, whatever its signature: chosen on the command line or in a net YAML without init_args."""
-    (tmp_path / "linked_only.py").write_text(NET)
+    (tmp_path / "linked.py").write_text(NET)
     monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "net.yaml").write_text("class_path: project.models.ImageClassifier\ninit_args:\n  net: linked_only.Net\n")
-    for choice in ("--model.net=linked_only.Net", f"--model={tmp_path / 'net.yaml'}"):
+    (tmp_path / "net.yaml").write_text("class_path: project.models.ImageClassifier\ninit_args:\n  net: linked.Net\n")
+    for choice in ("--model.net=linked.Net", f"--model={tmp_path / 'net.yaml'}"):
         cli = fit("mnist.yaml", mnist_root, choice, "--trainer.fast_dev_run=1")
         assert type(cli.model.net).__name__ == "Net" and cli.model.hparams["net"]["init_args"]["num_classes"] == 10
 
