@@ -24,7 +24,7 @@ from tests import slurm
 from tests.conftest import N_TEST, ROOT
 from tests.test_ddp import ddp
 
-pytestmark = pytest.mark.slow  # pytest-xdist keeps a test file on one worker (--dist loadfile)
+pytestmark = pytest.mark.processes  # pytest-xdist keeps a test file on one worker (--dist loadfile)
 TIMEOUT_S = 300  # a hung launch fails instead of hanging CI; a launch takes 10 to 40 s
 STEPS = 5  # per epoch and process: (200 - 61 validation images) / 2 processes, in batches of 16
 METRICS = ("test/acc", "test/loss", "test/f1")

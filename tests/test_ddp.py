@@ -15,7 +15,7 @@ from project.cli import cli_main
 from project.data import MNISTDataModule
 from tests.conftest import CONFIGS, N_TEST, N_VAL, QUIET, run_module
 
-pytestmark = pytest.mark.slow  # each test starts two processes
+pytestmark = pytest.mark.processes  # each test starts two processes
 
 
 def ddp(subcommand: str, data: Path, *extra: str) -> list[str]:

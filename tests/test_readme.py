@@ -57,7 +57,7 @@ def test_readme_shows_the_main_commands():
     assert {"my_nets.py", "tiny.yaml", "my_images.yaml"} <= set(shown_files())
 
 
-@pytest.mark.slow  # about twenty commands
+@pytest.mark.processes  # about twenty commands
 def test_every_readme_command_runs_as_written(tmp_path, mnist_root, cifar_root, image_root):
     shutil.copytree(mnist_root, tmp_path / "data")
     shutil.copytree(cifar_root[0], tmp_path / "data", dirs_exist_ok=True)
