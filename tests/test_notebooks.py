@@ -11,9 +11,9 @@ from jupyter_client import BlockingKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.utils import run_sync
 
-from extras.runs import read_wandb_run
 from project.cli import cli_main
 from tests.conftest import CONFIGS, QUIET, ROOT, read_metrics
+from tests.wandb_runs import read_wandb_run
 
 NOTEBOOKS = ROOT / "notebooks"
 TINY = "--trainer.limit_train_batches=2 --trainer.num_sanity_val_steps=0 --trainer.log_every_n_steps=1"
@@ -76,6 +76,7 @@ def final_metrics(out: str) -> dict[str, dict[str, float | None]]:
     }
 
 
+@pytest.mark.extras  # compare_runs.ipynb reads W&B runs with extras.runs
 def test_compare_runs_reads_wandb_offline_runs(kernel, mnist_root, tmp_path):
     """Two runs with the default logger (W&B, offline), read back from disk: differing key, curves, final metrics."""
     for lr in ("0.01", "0.001"):
@@ -104,6 +105,7 @@ def test_compare_runs_reads_wandb_offline_runs(kernel, mnist_root, tmp_path):
     assert images == 1  # the learning curves
 
 
+@pytest.mark.extras  # compare_runs.ipynb reads W&B runs with extras.runs
 def test_quickstart_on_mnist_and_your_images_then_compare_csv_runs(kernel, mnist_root, image_root, tmp_path):
     """MNIST (1 channel) from the default data folder, outside the repository; your RGB images; then compare_runs."""
     cache = tmp_path / "cache"  # the default data_dir: $XDG_CACHE_HOME/lightning-template/data

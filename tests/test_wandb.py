@@ -15,10 +15,10 @@ import torch
 import wandb
 import yaml
 
-from extras.runs import read_wandb_run
 from project.cli import cli_main
 from project.loggers import has_credentials, resolve_mode
 from tests.conftest import CONFIGS, QUIET, ROOT, fails, run_module
+from tests.wandb_runs import read_wandb_run
 
 FAKE_KEY = "local-" + "f4ke" * 10  # planted: must appear in no file written
 SMALL = [*QUIET, "--model.init_args.net.init_args.width=4", "--data.init_args.batch_size=50"]
