@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import pickle
 import re
 import signal as signal_module
 import subprocess
@@ -14,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import project.checkpoint_io
-from project.checkpoint_io import SafeCheckpointIO
+from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.cli import cli_main
 from project.errors import UserError
 from project.models.nets import MLP
@@ -126,13 +127,36 @@ def test_checkpoint_writes_are_atomic_and_finite(tmp_path, monkeypatch):
     io, path = SafeCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
     before = path.read_bytes()
-    with pytest.raises(UserError, match="weights w are not finite"):
-        io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
+    nan = torch.tensor([1.0, float("nan")])
+    with pytest.raises(UserError, match=r"last.ckpt: weights a, b, c are not finite \(NaN/inf\)$"):
+        io.save_checkpoint({"state_dict": {"ok": torch.ones(1), **dict.fromkeys("abcd", nan)}}, path)
     monkeypatch.setattr(project.checkpoint_io.torch, "save", failing_save(100))
     with pytest.raises(OSError) as info:
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     assert info.value.errno == errno.ENOSPC and path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"], "no partial file is left behind"
+
+
+def test_checkpoint_reads_honour_the_device_remote_paths_and_name_what_is_wrong(tmp_path):
+    """Tensors go where asked (a GPU run's checkpoint read on a CPU machine; "meta" here), fsspec URLs (s3://, gs://;
+    memory:// here) through Lightning's remote write and read, and a file that cannot be read is named in one line
+    saying why: missing, a pickle of something else, or damaged (a truncated download)."""
+    io, path = SafeCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    for mmap in (False, True):
+        assert SafeCheckpointIO(mmap).load_checkpoint(path, map_location="meta")["state_dict"]["w"].is_meta
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, "memory://runs/last.ckpt")
+    assert torch.equal(load_checkpoint("memory://runs/last.ckpt")["state_dict"]["w"], torch.ones(2))
+    (tmp_path / "other.pkl").write_bytes(pickle.dumps({"weights": [1.0]}))
+    (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[:200])
+    for name, why in [
+        ("gone.ckpt", "checkpoint not found: {}"),
+        ("other.pkl", "{} is not a readable checkpoint (damaged or not a checkpoint); pass a .ckpt from fit"),
+        ("cut.ckpt", "{} is not a readable checkpoint (RuntimeError); pass a .ckpt from fit"),
+    ]:
+        with pytest.raises(UserError) as error:
+            load_checkpoint(tmp_path / name)
+        assert str(error.value) == why.format(tmp_path / name)
 
 
 def test_disk_full_during_fit_is_one_line_and_keeps_earlier_checkpoints(capsys, mnist_root, monkeypatch):
