@@ -51,7 +51,7 @@ def provenance() -> dict[str, Any]:
     commit = git("rev-parse", "--short=10", "HEAD")
     dirty = git("status", "--porcelain", "--", ".", ":(exclude)bench/results", ":(exclude)BENCHMARKS.md")
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit or "unknown",
         "dirty": bool(dirty) if commit else None,
         "cpu": cpu,

@@ -172,20 +172,40 @@ def test_default_root_dir_decides_where_runs_go_and_a_smoke_run_leaves_nothing(m
     assert sorted(tmp_path.rglob("*")) == before, "fast_dev_run writes no checkpoints, logs or configs"
 
 
-@pytest.mark.parametrize("name", ["ModelCheckpoint", "LearningRateMonitor", "EarlyStopping", "EMAWeightAveraging"])
+CALLBACK_OPTIONS = {  # each with a setting whose effect shows
+    "ModelCheckpoint": ["--trainer.callbacks.filename=stock-{step}"],
+    "LearningRateMonitor": ["--trainer.callbacks.log_momentum=true"],  # the CLI's own logs no momentum
+    "EarlyStopping": [
+        "--trainer.callbacks.monitor=val/loss",
+        "--trainer.callbacks.patience=1",
+        "--model.optimizer.lr=0",
+    ],
+    "EMAWeightAveraging": ["--trainer.callbacks.decay=0.5"],
+}
+
+
+@pytest.mark.parametrize("name", list(CALLBACK_OPTIONS))
 def test_lightning_callback_short_names_work(name, mnist_root):
-    """The form the LightningCLI docs teach; a stock ModelCheckpoint beside the two the CLI adds."""
-    extra = ["--trainer.callbacks.monitor=val/loss"] if name == "EarlyStopping" else []
-    cli = fit(
-        "mnist.yaml",
-        mnist_root,
-        f"--trainer.callbacks+={name}",
-        *extra,
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-    )
-    assert name in [type(c).__name__ for c in cli.trainer.callbacks] and cli.trainer.state.finished
+    """The form the LightningCLI docs teach, each callback doing its job beside the CLI's: a stock ModelCheckpoint
+    writes its own file, a second LearningRateMonitor logs momentum, EarlyStopping stops a run whose val/loss stays
+    put (lr 0), EMA leaves other weights than plain training."""
+    short = ["--trainer.max_epochs=3", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    short += ["--test_after_fit=false"]  # a test of the best checkpoint would load its weights back
+    cli = fit("mnist.yaml", mnist_root, f"--trainer.callbacks+={name}", *CALLBACK_OPTIONS[name], *short)
+    run_dir = Path(cli.trainer.log_dir)
+    assert cli.trainer.state.finished and cli.trainer.global_step == (4 if name == "EarlyStopping" else 6)
+    if name == "ModelCheckpoint":
+        names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert names[1:] == ["last.ckpt", "stock-step=6.ckpt"] and names[0].startswith("epoch="), names
+    elif name == "LearningRateMonitor":
+        assert set(read_metrics(run_dir)["lr-AdamW/pg1-momentum"]) == {0.9}  # AdamW's beta1
+    elif name == "EarlyStopping":
+        (stopper,) = [c for c in cli.trainer.callbacks if type(c).__name__ == name]
+        assert stopper.stopped_epoch == 1 and len(read_metrics(run_dir)["val/loss"]) == 2
+    else:
+        plain = fit("mnist.yaml", mnist_root, *short).model.state_dict()
+        averaged = cli.model.state_dict()
+        assert plain.keys() == averaged.keys() and not all(torch.equal(plain[k], averaged[k]) for k in plain)
 
 
 def test_no_logger_trains_and_checkpoints(mnist_root):
@@ -203,7 +223,8 @@ def test_no_logger_trains_and_checkpoints(mnist_root):
     )
     assert not cli.trainer.loggers and cli.trainer.state.finished and "test/acc" in cli.trainer.callback_metrics
     run = Path("runs/mnist/version_0")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "last.ckpt"
+    best, last = sorted((run / "checkpoints").iterdir())
+    assert best.name.startswith("epoch=000-val_acc=") and last.name == "last.ckpt"
     config = run / "config.yaml"
     tested = cli_main(["test", f"--config={config}", "--ckpt_path=last", *QUIET])  # its own folder again
     assert sorted(p.name for p in Path("runs/mnist").iterdir()) == ["version_0", "version_1"]

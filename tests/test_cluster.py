@@ -17,14 +17,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from extras.runs import read_wandb_run
 from project.callbacks.interrupt import GracefulInterrupt
 from project.cli import cli_main
 from tests import slurm
-from tests.conftest import N_TEST, ROOT
+from tests.conftest import N_TEST, ROOT, unavailable
 from tests.test_ddp import ddp
+from notebooks.wandb_runs import read_wandb_run
 
-pytestmark = pytest.mark.slow  # pytest-xdist keeps a test file on one worker (--dist loadfile)
+pytestmark = pytest.mark.processes  # pytest-xdist keeps a test file on one worker (--dist loadfile)
 TIMEOUT_S = 300  # a hung launch fails instead of hanging CI; a launch takes 10 to 40 s
 STEPS = 5  # per epoch and process: (200 - 61 validation images) / 2 processes, in batches of 16
 METRICS = ("test/acc", "test/loss", "test/f1")
@@ -184,7 +184,7 @@ def train_steps(run: dict) -> list[int]:
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
     if why := slurm.missing():
-        pytest.skip(why)
+        unavailable(why)
     cluster = slurm.Cluster(tmp_path_factory.mktemp("slurm"))
     yield cluster
     cluster.stop()

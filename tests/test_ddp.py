@@ -10,12 +10,12 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler
 
-from extras.runs import read_wandb_run
 from project.cli import cli_main
 from project.data import MNISTDataModule
 from tests.conftest import CONFIGS, N_TEST, N_VAL, QUIET, run_module
+from notebooks.wandb_runs import read_wandb_run
 
-pytestmark = pytest.mark.slow  # each test starts two processes
+pytestmark = pytest.mark.processes  # each test starts two processes
 
 
 def ddp(subcommand: str, data: Path, *extra: str) -> list[str]:

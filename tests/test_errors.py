@@ -73,10 +73,12 @@ def test_bad_subcommand_config_file_or_yaml(tmp_path, capsys):
     assert line.startswith("error: YAML syntax error in broken.yaml (line 3, column 6): did not find expected ','")
 
 
-def test_debug_shows_the_traceback(monkeypatch):
-    with pytest.raises(UserError, match="nope.yaml"):
-        cli_main(["fit", "--config=nope.yaml", "--debug"])
-    monkeypatch.setenv("PROJECT_DEBUG", "1")
+def test_debug_shows_the_traceback(monkeypatch, tmp_path):
+    done = run_module("project", "fit", "--config=nope.yaml", "--debug", cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback (most recent call last):" in done.stderr, done.stderr[-3000:]
+    assert "project.errors.UserError: " in done.stderr and "nope.yaml" in done.stderr.splitlines()[-1]
+    assert not [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    monkeypatch.setenv("PROJECT_DEBUG", "1")  # the same switch as a variable: the error is raised, not printed
     with pytest.raises(UserError, match="nope.yaml"):
         cli_main(["fit", "--config=nope.yaml"])
 

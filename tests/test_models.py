@@ -50,14 +50,16 @@ def test_small_cnn_flatten_head_keeps_where_features_are_and_resnet_blocks_start
 
 def test_classifier_normalizes_raw_images_itself():
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():  # class 1 when the second pixel is brighter than the first
+        net[1].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        net[1].bias.zero_()
     model = ImageClassifier(net, num_classes=2, mean=[0.5], std=[0.25], channels_last=True).eval()
-    images = torch.tensor([[[[0, 64], [128, 255]]]], dtype=torch.uint8)
+    images = torch.tensor([[[[0, 64], [128, 255]]], [[[200, 10], [0, 0]]]], dtype=torch.uint8)
     torch.testing.assert_close(model(images), net((images / 255 - 0.5) / 0.25))
     torch.testing.assert_close(model(images), model(images / 255))  # float input in [0, 1]
-    out = model.predict_step((images, torch.zeros(1)), 0)
-    torch.testing.assert_close(out["probs"].sum(-1), torch.ones(1)) and torch.equal(
-        out["preds"], out["probs"].argmax(-1)
-    )
+    out = model.predict_step((images, torch.zeros(2)), 0)
+    torch.testing.assert_close(out["probs"], net((images / 255 - 0.5) / 0.25).softmax(-1))
+    assert out["preds"].tolist() == [1, 0]
 
 
 def test_parameter_groups_metrics_and_hyperparameters():
@@ -65,9 +67,13 @@ def test_parameter_groups_metrics_and_hyperparameters():
         SmallCNN(num_classes=11), num_classes=11, class_names=list("abcdefghijk"), label_smoothing=0.1
     )
     decay, no_decay = model.parameter_groups()
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     norms = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
-    assert all(p.ndim > 1 for p in decay["params"]) and norms <= {id(p) for p in no_decay["params"]}
-    assert no_decay["weight_decay"] == 0.0 and model.configure_optimizers().param_groups[0]["weight_decay"] == 0.05
+    biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert len(weights) == 4 and len(norms) == 6 and len(biases) == 1  # 3 conv-BN stages, one linear head
+    assert [id(p) for p in decay["params"]] == [id(p) for p in model.parameters() if id(p) in weights]
+    assert [id(p) for p in no_decay["params"]] == [id(p) for p in model.parameters() if id(p) in norms | biases]
+    assert [g["weight_decay"] for g in model.configure_optimizers().param_groups] == [0.05, 0.0]
     assert "val/top5" in model.val_metrics.keys()  # only with more than ten classes
     assert "net" not in model.hparams and "optimizer" not in model.hparams, "no objects pickled into checkpoints"
     assert model.hparams["class_names"] == list("abcdefghijk") and model.hparams["label_smoothing"] == 0.1

@@ -5,10 +5,12 @@ exactly as `python -m` runs it, all in one separate process (a process each woul
 and batch limits appended. The main job also runs as a process of its own: its console must be clean."""
 
 import json
+import os
 import re
 import runpy
 import shlex
 import shutil
+import subprocess
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import QUIET, ROOT, run_module
+from tests.conftest import EXTRAS_TESTS, QUIET, ROOT, run_module
 
 README = ROOT / "README.md"
 LIMITS = [
@@ -59,7 +61,8 @@ def test_readme_shows_the_main_commands():
     assert {"my_nets.py", "tiny.yaml", "my_images.yaml"} <= set(shown_files())
 
 
-@pytest.mark.slow  # about twenty commands
+@pytest.mark.processes  # about twenty commands
+@pytest.mark.extras  # python -m extras.export, ...
 def test_every_readme_command_runs_as_written(tmp_path, mnist_root, cifar_root, image_root):
     shutil.copytree(mnist_root, tmp_path / "data")
     shutil.copytree(cifar_root[0], tmp_path / "data", dirs_exist_ok=True)
@@ -103,6 +106,42 @@ def test_the_main_job_command_runs_with_a_clean_console(mnist_root, tmp_path):
             if re.search(r"warn|deprecat|traceback|error|litlogger|FLOPs: 0\b|not recommended|has changed", line, re.I)
         ]
         assert noise == [], noise
+
+
+FORK_SAMPLE = [  # training, checkpoints, W&B offline read back, faults: a cross-section of the core
+    "tests/test_wandb.py::test_a_resumed_fit_continues_the_same_run",
+    "tests/test_cli.py::test_optimizer_and_scheduler_overrides_take_effect",
+    "tests/test_faults.py::test_checkpoint_writes_are_atomic_and_finite",
+    "tests/test_configs.py::test_config_prints_round_trips_and_runs[prune]",  # an extra's: skipped
+]
+FORK_PYTEST = """import sys
+sys.modules["extras"] = sys.modules["bench"] = None  # deleted (the editable install would still find them)
+import pytest
+common = ["-p", "no:cacheprovider", "-n", "0", "-q"]
+sys.exit(pytest.main([*common, "--collect-only"]) or pytest.main([*common, "-rs", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.processes  # a pytest run of its own
+def test_a_fork_without_extras_and_bench_keeps_its_tests(tmp_path):
+    """The README's promise that a fork may delete extras/ (and bench/): in a copy of the repository without them,
+    pytest collects every test module of the core (the extras' own are left out, the core's tests of extras
+    skipped) and passes a cross-section of the core's tests."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    fork = tmp_path / "fork"
+    for name in listed.stdout.splitlines():
+        if not name.startswith(("extras/", "bench/")) and (ROOT / name).is_file():
+            (fork / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, fork / name)
+    env = {**os.environ, "PYTHONPATH": str(fork)}
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_PYTEST, *FORK_SAMPLE], cwd=fork, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "3 passed, 1 skipped" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "uses extras/, which this checkout does not have" in done.stdout
+    modules = {line.split("::")[0] for line in done.stdout.splitlines() if "::" in line}
+    core = {f"tests/{p.name}" for p in (fork / "tests").glob("test_*.py") if p.name not in EXTRAS_TESTS}
+    assert modules == core and "tests/test_wandb.py" in core, sorted(modules ^ core)
 
 
 def main(folder: str) -> None:

@@ -26,7 +26,7 @@ import yaml
 from lightning.pytorch import Callback
 from PIL import Image
 
-from extras.runs import read_wandb_run, records
+from notebooks.wandb_runs import read_wandb_run, records
 from extras.sweep import space
 from extras.sweep.report import open_storage, pruner
 from extras.sweep.search import check, main

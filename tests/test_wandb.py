@@ -1,19 +1,21 @@
 """W&B runs read back from the files wandb writes offline: config, summary, history, media, artifacts, resumes;
 and what happens without credentials or without a server that answers. Sweeps: tests/test_sweep.py."""
 
+import contextlib
 import json
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import wandb
 
-from extras.runs import read_wandb_run
 from project.cli import cli_main
 from project.loggers import has_credentials, resolve_mode
 from tests.conftest import CONFIGS, QUIET, ROOT, fails, run_module
+from notebooks.wandb_runs import read_wandb_run
 
 FAKE_KEY = "local-" + "f4ke" * 10  # planted: must appear in no file written
 SMALL = [*QUIET, "--model.init_args.net.init_args.width=4", "--data.init_args.batch_size=50"]
@@ -138,13 +140,33 @@ def test_no_credentials_no_tty_goes_offline_and_says_how_to_sync(mnist_root, tmp
     assert "test/acc" in run["summary"], "test_after_fit logs into the same run"
 
 
-def test_a_server_that_never_answers_costs_seconds_not_minutes(mnist_root, tmp_path):
-    """A key, and a W&B server that accepts connections and never answers (loopback): the run goes offline after
-    the reachability check's timeout, says why, and `wandb sync` can upload it later."""
-    server, connections = socket.socket(), []
+def serve_slowly(server: socket.socket, delay: float, requests: list[str]) -> None:
+    """Answer each GET on ``server`` (the reachability check) with HTTP 200 only ``delay`` seconds later, anything
+    else (wandb's telemetry) at once with 404; keep each request line in ``requests``."""
+
+    def answer(connection: socket.socket) -> None:
+        with contextlib.suppress(OSError), connection:
+            request = connection.recv(65536).decode(errors="replace").split("\r\n")[0]
+            requests.append(request)
+            if request.startswith("GET"):
+                time.sleep(delay)
+                connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            else:
+                connection.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    with contextlib.suppress(OSError):  # until the server is closed
+        while True:
+            threading.Thread(target=answer, args=(server.accept()[0],), daemon=True).start()
+
+
+def test_a_server_slower_than_the_timeout_sends_the_run_offline(mnist_root, tmp_path):
+    """A key, and a W&B server (loopback) that answers only after 4 s while the logger's timeout is 1 s (the
+    default is 5): the run goes offline after one check, says why, and `wandb sync` can upload it later. A check
+    that waited longer, or had no timeout, would get the answer and go online."""
+    server, requests = socket.socket(), []
     server.bind(("127.0.0.1", 0))
     server.listen()
-    threading.Thread(target=lambda: connections.extend(server.accept() for _ in range(100)), daemon=True).start()
+    threading.Thread(target=serve_slowly, args=(server, 4.0, requests), daemon=True).start()
     url = f"http://127.0.0.1:{server.getsockname()[1]}"
     env = {**no_wandb_environment(tmp_path), "WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": url}
     done = run_module(
@@ -154,16 +176,17 @@ def test_a_server_that_never_answers_costs_seconds_not_minutes(mnist_root, tmp_p
             "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=2",
             "--trainer.limit_val_batches=1",
-            "--trainer.logger.init_args.timeout=2",
+            "--trainer.logger.init_args.timeout=1",
         ),
         cwd=tmp_path,
         timeout=100,
         **env,
     )
+    server.close()
     line = sync_line(done)
     assert f"({url} did not answer: timed out)" in line and "credentials found" not in line
-    assert len(connections) >= 1 and read_wandb_run(tmp_path / "runs" / "fashion_mnist" / "version_0")["id"]
-    server.close()
+    assert [r for r in requests if r.startswith("GET")] == ["GET / HTTP/1.1"], requests
+    assert read_wandb_run(tmp_path / "runs" / "fashion_mnist" / "version_0")["id"]
 
 
 def test_mode_follows_the_logger_then_the_environment_then_credentials(tmp_path, monkeypatch, capsys, mnist_root):
@@ -191,4 +214,5 @@ def test_disabled_mode_trains_and_writes_no_wandb_files(mnist_root, monkeypatch)
     )
     run_dir = Path(cli.trainer.log_dir)
     assert "test/acc" in cli.trainer.callback_metrics and (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert not list(run_dir.glob("wandb/*run-*"))
+    written = [p for p in Path.cwd().rglob("*") if "wandb" in p.name or p.name.startswith("run-")]
+    assert written == [], "wandb wrote nothing, anywhere (run folder, ./wandb, WANDB_*_DIR)"

@@ -40,16 +40,28 @@ def apply(target: dict[str, Any], item: Any) -> None:
     target[keys[-1]] = json.loads(item.value_json)
 
 
-def read_wandb_run(path: Path, wait: float = 20.0) -> dict[str, Any]:
-    """The W&B run in ``path`` (a run folder, or a ``.wandb`` file): id, name, git commit, config, summary, history
-    rows in order, artifacts. A run folder must hold exactly one W&B run. wandb's service process writes the file on its
-    own: wait up to ``wait`` seconds for the run's exit record."""
+def wait_for_exit(path: Path, wait: float) -> None:
+    """Return once ``path`` holds the run's exit record: wandb's service process writes the file on its own, after
+    the run's process finished the run (seconds later on a loaded machine). Read again whenever the file grows."""
+    deadline, size = time.monotonic() + wait, -1
+    while time.monotonic() < deadline:
+        if path.stat().st_size != size:
+            size = path.stat().st_size
+            if any(r.WhichOneof("record_type") == "exit" for r in records(path)):
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} has no exit record after {wait} s: its run goes on, or was killed (wait=0 reads it)")
+
+
+def read_wandb_run(path: Path, wait: float = 120.0) -> dict[str, Any]:
+    """The W&B run in ``path`` (a run folder, or a ``.wandb`` file): id, name, git commit, config, summary, history rows in
+    order, artifacts. A run folder must hold exactly one W&B run. Waits up to ``wait`` seconds for the run to be
+    finished on disk (0: read a run in progress, or a killed one, as it is)."""
     path = Path(path)
     files = [path] if path.suffix == ".wandb" else sorted(path.glob("wandb/*run-*/run-*.wandb"))
     assert len(files) == 1, f"expected one W&B run in {path}, found {len(files)}"
-    deadline = time.monotonic() + wait
-    while not any(r.WhichOneof("record_type") == "exit" for r in records(files[0])) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    if wait > 0:
+        wait_for_exit(files[0], wait)
     run: dict[str, Any] = {"dir": files[0].parent, "config": {}, "summary": {}, "history": [], "artifacts": []}
     for record in records(files[0]):
         kind = record.WhichOneof("record_type")
