@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -38,6 +39,7 @@ from project.callbacks.wandb import WandbPredictionMedia, WandbRunId, WandbWatch
 from project.checkpoint_io import SafeCheckpointIO
 from project.errors import OneLineErrors, UserError, did_you_mean, exit_on_user_error, require
 from project.loggers import SaveConfigCallback, WandbLogger, next_run_dir
+from project.precision import CPUBf16WhereNative
 
 LINKS = [  # what the data decides, never typed twice; a model or net without such an argument is left alone
     ("num_classes", "model.init_args.num_classes"),
@@ -215,6 +217,8 @@ class CLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins = [*plugins, getattr(self, "checkpoint_io", None) or SafeCheckpointIO()]
+        if trainer.get("precision") is not None or torch.cuda.is_available() and trainer.get("accelerator") != "cpu":
+            plugins = [p for p in plugins if not isinstance(p, CPUBf16WhereNative)]  # a config's CPU default yields
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
             plugins = [*plugins, SLURMEnvironment(auto_requeue=False)]  # GracefulInterrupt requeues between steps
         callbacks = trainer.get("callbacks") or []

@@ -117,7 +117,7 @@ def check_mnist(cli, run: Path, probe: Probe) -> None:
     # trainer/clip: every step's gradient norm at most 1.0 after clipping, and clipping had work to do
     assert all(after <= 1.0 + 1e-4 for _, after in probe.norms) and max(b for b, _ in probe.norms) > 1.0
     # logger/csv: per-step training and per-epoch validation rows; throughput.yaml and device_stats.yaml: theirs
-    assert len(metrics["train/loss"]) == 20 and len(metrics["val/acc"]) == 2 and len(metrics["test/acc"]) == 1
+    assert len(metrics["train/loss_step"]) == 20 and len(metrics["val/acc"]) == 2 and len(metrics["test/acc"]) == 1
     assert metrics["train/samples"][-1] == 20 * 16
     assert len(metrics["DeviceStatsMonitor.on_train_batch_start/cpu_percent"]) == 20
     # predict/jsonl: predictions.jsonl beside predictions.csv, 5 classes per input
@@ -139,7 +139,7 @@ def check_prune(cli, run: Path, probe: Probe) -> None:
     # trainer/profile: SimpleProfiler's report; logger/wandb: one offline W&B run, with the training steps
     assert "run_training_epoch" in (run / "fit-profile.txt").read_text()
     history = read_wandb_run(run)["history"]
-    assert [row["trainer/global_step"] for row in history if "train/loss" in row] == [0, 1, 2, 3]
+    assert [row["trainer/global_step"] for row in history if "train/loss_step" in row] == [0, 1, 2, 3]
 
 
 def check_distill(cli, run: Path, probe: Probe) -> None:
