@@ -4,12 +4,16 @@ python -m project fit -c ... --trainer.callbacks+=bench.callbacks.StepTimer
 python -m project fit -c ... --trainer.callbacks+=bench.callbacks.TestAccuracyLog
 """
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
 
-from bench.common import append_log
+if str(Path(__file__).parent) not in sys.path:  # bench/ itself, as for its scripts: one ``common`` for all
+    sys.path.append(str(Path(__file__).parent))
+from common import append_log  # noqa: E402
 
 
 class StepTimer(Callback):
