@@ -4,28 +4,34 @@ python -m project fit -c ... --trainer.callbacks+=bench.callbacks.StepTimer
 python -m project fit -c ... --trainer.callbacks+=bench.callbacks.TestAccuracyLog
 """
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
 
-from bench.common import append_log
+if str(Path(__file__).parent) not in sys.path:  # bench/ itself, as for its scripts: one ``common`` for all
+    sys.path.append(str(Path(__file__).parent))
+from common import append_log, cpu_seconds  # noqa: E402
 
 
 class StepTimer(Callback):
-    """Prints the seconds taken by the training steps after the first ``warmup`` (overhead.py reads the line)."""
+    """Prints the wall and CPU seconds taken by the training steps after the first ``warmup`` (overhead.py reads
+    the line; its plain loop prints the same)."""
 
     def __init__(self, warmup: int = 30) -> None:
         self.warmup = warmup
-        self.start = 0.0
+        self.start = self.cpu_start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), cpu_seconds()
 
     def on_train_end(self, trainer, pl_module) -> None:
+        wall, cpu = time.perf_counter() - self.start, cpu_seconds() - self.cpu_start
         steps = trainer.global_step - self.warmup
-        print(f"steady_seconds={time.perf_counter() - self.start:.3f} steady_steps={steps}", flush=True)
+        print(f"steady_seconds={wall:.3f} steady_steps={steps} steady_cpu_seconds={cpu:.3f}", flush=True)
 
 
 class TestAccuracyLog(Callback):

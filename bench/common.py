@@ -1,5 +1,5 @@
 """What every benchmark shares: running and timing commands, A B A B interleaving, medians and spreads, verdicts,
-the machine and code measured, and each section's results as JSON under ``bench/results/``.
+the machine and code measured, and each section's results as JSON under ``bench/results/<machine type>/``.
 
 Kept light (no torch import at module level): the reference loop of time_to_accuracy.py imports it too.
 """
@@ -9,6 +9,8 @@ import datetime
 import json
 import os
 import platform
+import re
+import resource
 import shlex
 import shutil
 import signal
@@ -37,25 +39,51 @@ def git(*args: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the CPU flags that change training speed most
+NOT_RECORDED = "not recorded"  # a provenance field of results measured before it was kept
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and which of ``SPEED_FLAGS`` it has (``/proc/cpuinfo``; elsewhere no flags)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return model, [f for f in SPEED_FLAGS if f in flags]
+
+
+def machine_key(model: str, flags: list[str]) -> str:
+    """The results folder of a machine type: the first two words of the CPU model plus its native bf16 flag if any,
+    e.g. ``amd-epyc``, ``intel-xeon-amx_bf16``."""
+    words = re.sub(r"\((r|tm)\)", " ", model.lower()).split()[:2]  # "Intel(R) Xeon(R) ..." -> intel, xeon
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags][:1]  # AMX where both
+    return "-".join([re.sub(r"[^a-z0-9]+", "-", w).strip("-") for w in words] + bf16) or "unknown"
+
+
 def provenance() -> dict[str, Any]:
-    """CPU, cores, GPU, versions, date, git commit and dirtiness (the bench's own outputs excluded)."""
+    """Machine type, CPU and its speed flags, cores, torch threads, GPU, versions, date, git commit and
+    dirtiness (the bench's own outputs excluded)."""
     import lightning
     import torch
     import torchvision
 
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpu, flags = cpu_model_and_flags()
     commit = git("rev-parse", "--short=10", "HEAD")
     dirty = git("status", "--porcelain", "--", ".", ":(exclude)bench/results", ":(exclude)BENCHMARKS.md")
     return {
+        "machine": machine_key(cpu, flags),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit or "unknown",
         "dirty": bool(dirty) if commit else None,
         "cpu": cpu,
+        "flags": flags,
         "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average": round(os.getloadavg()[0], 2),
         "versions": {
@@ -126,6 +154,13 @@ def append_log(epoch: int, accuracy: float) -> None:
             f.write(line + "\n")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads) and of its children that have ended (DataLoader
+    workers count once they exit; the Overhead runs have none)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def prepare_fashion_mnist() -> None:
     """Unpack Fashion-MNIST into ``data/`` once (the data module does it), outside every timing."""
     code = f"from project.data import FashionMNISTDataModule as D; D(data_dir={str(DATA)!r}).prepare_data()"
@@ -193,13 +228,18 @@ def runs_in_order(s: dict[str, Any], spec: str = ".2f") -> str:
 
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the section JSON files")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the machine folders of section JSON files")
     return p
 
 
+def machine_folder(results: Path, prov: dict) -> Path:
+    """Where the sections measured on this machine type go; a run elsewhere leaves them alone."""
+    return results / prov["machine"]
+
+
 def save(name: str, p: argparse.ArgumentParser, args: argparse.Namespace, prov: dict, data: dict, started: float):
-    """Write ``<results>/<name>.json``: the data, how it was made (arguments, whether they are the defaults, the
-    command) and what was measured (machine, versions, commit)."""
+    """Write ``<results>/<machine type>/<name>.json``: the data, how it was made (arguments, whether they are the
+    defaults, the command) and what was measured (machine, versions, commit)."""
     given = {k: v for k, v in vars(args).items() if k != "results"}
     changed = {k: v for k, v in given.items() if v != p.get_default(k)}
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}") for k, v in changed.items()]
@@ -213,19 +253,18 @@ def save(name: str, p: argparse.ArgumentParser, args: argparse.Namespace, prov: 
         "minutes": round((time.time() - started) / 60, 1),
         **data,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"{name}.json"
+    path = machine_folder(args.results, prov) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {path}", file=sys.stderr)
     return result
 
 
 def footer(result: dict) -> str:
-    """The last line of every section: when, on what, how to reproduce, and a warning if not the defaults."""
-    p = result["provenance"]
+    """The last line of every section: the load, how long, how to reproduce, and a warning if not the defaults
+    (machine, date and commit head the section's block in BENCHMARKS.md)."""
     line = (
-        f"Measured {p['date']} on commit `{p['commit']}`{' (tree dirty)' if p['dirty'] else ''}, "
-        f"load average {p['load_average']} at the start, {result['minutes']} min. "
+        f"Load average {result['provenance']['load_average']} at the start, {result['minutes']} min. "
         f"Reproduce: `python bench/all.py --only {result['section']}` (runs `python bench/{result['section']}.py`)."
     )
     if not result["default_args"]:

@@ -25,6 +25,7 @@ from common import (
     footer,
     judged,
     kill_group,
+    machine_folder,
     parser,
     prepare_fashion_mnist,
     provenance,
@@ -151,7 +152,7 @@ def main() -> None:
         "plot": f"{NAME}.png",
     }
     result = save(NAME, p, args, prov, data, started)
-    plot(result, args.results / data["plot"])
+    plot(result, machine_folder(args.results, prov) / data["plot"])
     print(render(result))
 
 
