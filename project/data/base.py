@@ -20,8 +20,6 @@ from project.data.batches import BatchAugment, InMemory, TensorLoader, decode, w
 from project.errors import UserError, require
 
 log = logging.getLogger(__name__)
-Split = Literal["train", "val", "test"]
-READ_ERRORS = (AssertionError, EOFError, OSError, pickle.UnpicklingError, RuntimeError)  # torchvision's readers raise
 
 
 def targets(dataset: Dataset) -> list[int]:
@@ -55,13 +53,10 @@ def stratified_split(labels: Sequence[Any], size: float, seed: int, flag: str) -
 
 
 class ImageDataModule(LightningDataModule):
-    """Batches of ``(uint8 images (N, C, H, W), int64 labels)``; the ``standard`` augmentation runs on whole training
-    batches on the device, normalization in the model (``mean`` and ``std`` are linked into it). Validation is a
-    seeded, stratified part of train; evaluation splits come in a fixed seeded order, never sorted by class.
+    """Batches of ``(uint8 images (N, C, H, W), int64 labels)``, augmented on the device, normalized in the model.
 
-    Subclasses give ``class_names``, ``image_shape``, ``mean``, ``std``, ``standard_augment`` and
-    ``make_datasets()``; data sets that can be fetched also ``files_present()``, ``download()`` and
-    ``missing_data_message()``.
+    Subclasses give ``class_names``, ``image_shape``, ``mean``, ``std``, ``standard_augment``, ``make_datasets()``;
+    data sets that can be fetched also ``files_present()``, ``download()`` and ``missing_data_message()``.
 
     Args:
         data_dir: the folder holding the data set.
@@ -95,7 +90,7 @@ class ImageDataModule(LightningDataModule):
         val_split: int | float = 0.1,
         augment: Literal["none", "standard"] = "none",
         seed: int = 42,
-        predict_split: Split = "test",
+        predict_split: Literal["train", "val", "test"] = "test",
         loader: Literal["torchvision", "tensor"] = "torchvision",
         sampler: Literal["shuffle", "weighted"] = "shuffle",
     ) -> None:
@@ -192,7 +187,7 @@ class ImageDataModule(LightningDataModule):
             return make
         try:
             return make()
-        except READ_ERRORS as err:
+        except (AssertionError, EOFError, OSError, pickle.UnpicklingError, RuntimeError) as err:  # torchvision raises
             raise UserError(
                 f"could not read the data set in {self.data_dir} ({type(err).__name__}: {str(err)[:200]}); a file "
                 f"is probably truncated or corrupt: delete it and copy it again, or set --data.data_dir"
@@ -235,8 +230,7 @@ class ImageDataModule(LightningDataModule):
         return self._eval_dataloader("test")
 
     @property
-    def predict_name(self) -> str:
-        """``predict`` with unlabelled images of its own (ImageFolder's predict_dir), else predict_split."""
+    def predict_name(self) -> str:  # predict: unlabelled images of its own (ImageFolder's predict_dir)
         return "predict" if self.has_split("predict") else self.predict_split
 
     def predict_dataloader(self) -> DataLoader:

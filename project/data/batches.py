@@ -127,20 +127,16 @@ class TensorLoader:
     def __len__(self) -> int:
         return math.ceil(len(self.data) // self.world_size / self.batch_size)
 
-    def indices(self, epoch: int) -> Tensor:
-        generator = torch.Generator().manual_seed(hash((self.seed, epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
-        n = len(self.data)
-        if self.weights is None:
-            order = torch.randperm(n, generator=generator)
-        else:
-            order = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        return order[self.rank :: self.world_size][: n // self.world_size]
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if not (self._resume and self.position < len(self)):
             self.epoch, self.position = self.epoch + 1, 0
-        self._resume = False
-        order = self.indices(self.epoch).tolist()
+        self._resume, n = False, len(self.data)
+        seeded = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+        if self.weights is None:
+            order = torch.randperm(n, generator=seeded)
+        else:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=seeded)
+        order = order[self.rank :: self.world_size][: n // self.world_size].tolist()
         for batch_idx in range(self.position, len(self)):
             self.position = batch_idx + 1
             yield self.data.__getitems__(order[batch_idx * self.batch_size : (batch_idx + 1) * self.batch_size])
