@@ -89,15 +89,14 @@ def whole_batch(batch: Any) -> Any:  # collate_fn for InMemory: __getitems__ alr
 
 def decode(dataset: Dataset, num_workers: int = 0) -> tuple[Tensor, Tensor]:
     """All (uint8 image, label) pairs of ``dataset`` as two tensors, read once with ``num_workers`` workers."""
-    source, index = dataset, None
-    if isinstance(dataset, Subset):
-        source, index = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+    source = dataset.dataset if isinstance(dataset, Subset) else dataset
     if isinstance(getattr(source, "data", None), (Tensor, np.ndarray)):  # torchvision's MNIST and CIFAR: in memory
         images = torch.as_tensor(source.data)
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
         labels = torch.as_tensor(source.targets, dtype=torch.long)
-        if index is not None:
-            images, labels = images.index_select(0, index), labels.index_select(0, index)  # 2x faster than [index]
+        if isinstance(dataset, Subset):  # index_select: 2x faster than [index]
+            index = torch.as_tensor(dataset.indices, dtype=torch.long)
+            images, labels = images.index_select(0, index), labels.index_select(0, index)
         return images.contiguous(), labels
     batches = list(DataLoader(dataset, batch_size=512, num_workers=num_workers))
     return torch.cat([x for x, _ in batches]).contiguous(), torch.cat([torch.as_tensor(y) for _, y in batches]).long()

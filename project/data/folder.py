@@ -48,18 +48,11 @@ class ImageFiles(Dataset):
         return (image, label, "") if self.checking else (image, label)
 
 
-def stamp(path: str) -> list:  # name, size and time of a file; the name alone for a broken link
-    status = os.stat(path) if os.path.exists(path) else None
-    return [path, status.st_size, status.st_mtime_ns] if status else [path]
-
-
 class ImageFolderDataModule(ImageDataModule):
     """Images in ``data_dir/<class name>/*.png|jpg|...``, or in ``data_dir/{train,val,test}/<class name>/``.
 
-    Classes are the sorted sub-folder names (torchvision's ``find_classes``/``make_dataset``); a missing ``test/``
-    or ``val/`` is a seeded, stratified part of ``train/`` (or of all images). Folders are listed on first need (a
-    ``predict_dir`` predict never touches ``data_dir``); each image is decoded once to find unreadable ones, the
-    result kept with the statistics in ``data_dir/.image-checks.json`` for later runs and processes.
+    Classes are the sorted sub-folder names; a missing ``test/`` or ``val/`` is a seeded, stratified part of the rest.
+    Each image is decoded once to find unreadable ones, kept with the statistics in ``data_dir/.image-checks.json``.
 
     Args:
         data_dir: the root folder.
@@ -153,7 +146,8 @@ class ImageFolderDataModule(ImageDataModule):
         """The unreadable images of every split and the training images' mean and std (unless given): from
         ``data_dir/.image-checks.json`` while no file changed, else every image decoded once and the file rewritten."""
         split_of = {path: name for name, samples in self.samples.items() for path, _ in samples}
-        files = hashlib.sha256(json.dumps([stamp(path) for path in sorted(split_of)]).encode()).hexdigest()
+        stamps = [[p, (s := os.stat(p)).st_size, s.st_mtime_ns] if os.path.exists(p) else [p] for p in sorted(split_of)]
+        files = hashlib.sha256(json.dumps(stamps).encode()).hexdigest()  # a broken link: its name alone
         setting = [*self.size, self.channels, self.background, self.seed, self.val_split, self.test_split]
         cache = self.data_dir / CHECKS
         try:
@@ -173,8 +167,7 @@ class ImageFolderDataModule(ImageDataModule):
         return saved
 
     def _decode(self, samples: list[Sample], stats: bool) -> dict[str, Any]:
-        """Each file decoded once (DataLoader workers): {path: why} of those that fail, with ``stats`` the mean and
-        std per channel of the readable ones labelled 1."""
+        """{path: why} of undecodable files; with ``stats`` the mean and std of the readable ones labelled 1."""
         loader = DataLoader(self._files(samples, checking=True), batch_size=256, num_workers=self.num_workers)
         bad, total, squares, count = {}, 0.0, 0.0, 0
         for start, (x, label, why) in zip(range(0, len(samples), 256), loader, strict=True):

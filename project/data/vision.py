@@ -39,8 +39,7 @@ class _MNISTFamily(_TorchvisionDataModule):
     """28x28 grayscale images read from the raw IDX files under ``data_dir/<Name>/raw``.
 
     Args:
-        gz_dir: a folder of the four ``*-idx?-ubyte.gz`` files, unpacked and checked (IDX header, sizes) into
-            ``data_dir`` when the raw files are missing; a folder that does not exist is passed over.
+        gz_dir: a folder of the four ``*-idx?-ubyte.gz`` files, checked and unpacked when raw files lack (if it exists).
         **kwargs: see :class:`ImageDataModule`.
     """
 
