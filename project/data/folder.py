@@ -51,8 +51,9 @@ class ImageFiles(Dataset):
 class ImageFolderDataModule(ImageDataModule):
     """Images in ``data_dir/<class name>/*.png|jpg|...``, or in ``data_dir/{train,val,test}/<class name>/``.
 
-    Classes are the sorted sub-folder names; a missing ``test/`` or ``val/`` is a seeded, stratified part of the rest.
-    Each image is decoded once to find unreadable ones, kept with the statistics in ``data_dir/.image-checks.json``.
+    Classes are the sorted sub-folder names; a missing ``test/`` or ``val/`` is a seeded, stratified part of ``train/``
+    (or of all images). Each image is decoded once to find unreadable ones; the result and the statistics are kept in
+    ``data_dir/.image-checks.json`` for later runs. A predict with ``predict_dir`` never reads ``data_dir``.
 
     Args:
         data_dir: the root folder.

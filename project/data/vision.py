@@ -39,7 +39,7 @@ class _MNISTFamily(_TorchvisionDataModule):
     """28x28 grayscale images read from the raw IDX files under ``data_dir/<Name>/raw``.
 
     Args:
-        gz_dir: a folder of the four ``*-idx?-ubyte.gz`` files, checked and unpacked when raw files lack (if it exists).
+        gz_dir: a folder of the four ``*-idx?-ubyte.gz`` files, checked and unpacked if needed; ignored if missing.
         **kwargs: see :class:`ImageDataModule`.
     """
 
