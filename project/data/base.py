@@ -20,12 +20,10 @@ from project.data.batches import BatchAugment, InMemory, TensorLoader, decode, w
 from project.errors import UserError, require
 
 log = logging.getLogger(__name__)
-Split = Literal["train", "val", "test"]
-READ_ERRORS = (AssertionError, EOFError, OSError, pickle.UnpicklingError, RuntimeError)  # torchvision's readers raise
 
 
 def targets(dataset: Dataset) -> list[int]:
-    """The labels of a torchvision-style data set (``.targets``), through any ``Subset``."""
+    """The labels (``.targets``) of a torchvision-style data set, through any ``Subset``."""
     if isinstance(dataset, Subset):
         labels = targets(dataset.dataset)
         return [labels[i] for i in dataset.indices]
@@ -33,9 +31,8 @@ def targets(dataset: Dataset) -> list[int]:
 
 
 def stratified_split(labels: Sequence[Any], size: float, seed: int, flag: str) -> tuple[list[int], list[int]]:
-    """Seeded ``(rest, taken)`` index lists, both in a random order; ``taken`` has ``size`` samples (a count, or a
-    fraction of all), every class (label) in proportion (largest remainders get the odd ones); a class too small to
-    give any is named in a warning."""
+    """Seeded ``(rest, taken)`` index lists in a random order; ``taken`` has ``size`` samples (a count or a fraction),
+    each class in proportion (largest remainders get the odd ones); a class too small to give any gets a warning."""
     n = len(labels)
     want = round(n * size) if isinstance(size, float) else int(size)
     require(0 <= want < n, f"{flag}={size} leaves no training data out of {n} samples; lower {flag}")
@@ -56,20 +53,15 @@ def stratified_split(labels: Sequence[Any], size: float, seed: int, flag: str) -
 
 
 class ImageDataModule(LightningDataModule):
-    """Batches of ``(uint8 images (N, C, H, W), int64 labels)`` for training, validation, test and predict.
+    """Batches of ``(uint8 images (N, C, H, W), int64 labels)``, augmented on the device, normalized in the model.
 
-    Images stay uint8 until they reach the device; there the ``standard`` augmentation runs on whole training
-    batches (``on_after_batch_transfer``). Normalization is part of the model: ``mean`` and ``std`` are linked into
-    it, so a checkpoint or an exported model takes raw images. The validation set is a seeded, stratified part of
-    the training set; evaluation splits are served in a fixed seeded order, never sorted by class.
-
-    Subclasses give ``class_names``, ``image_shape``, ``mean``, ``std``, ``standard_augment`` and
-    ``make_datasets()``; data sets that can be fetched also ``files_present()``, ``download()`` and
-    ``missing_data_message()``.
+    Subclasses give ``class_names``, ``image_shape``, ``mean``, ``std``, ``standard_augment``, ``make_datasets()``;
+    data sets that can be fetched also ``files_present()``, ``download()`` and ``missing_data_message()``.
 
     Args:
         data_dir: the folder holding the data set.
-        batch_size: training batch size; ``eval_batch_size`` (default: the same) for validation, test, predict.
+        batch_size: training batch size.
+        eval_batch_size: batch size of validation, test and predict; default: batch_size.
         num_workers: DataLoader worker processes of the per-sample path (and of decoding for ``loader: tensor``).
         pin_memory: pin host memory; default: only when a CUDA device is present.
         persistent_workers: keep workers alive between epochs (only with num_workers > 0).
@@ -77,8 +69,7 @@ class ImageDataModule(LightningDataModule):
         augment: ``none``, or ``standard``: the data set's batch augmentation of training images.
         seed: seed of the splits and of the evaluation order.
         predict_split: the split ``predict`` runs on.
-        loader: ``torchvision``: per-sample decoding in DataLoader workers; ``tensor``: every split decoded once into
-            a uint8 tensor on the accelerator, batches cut from it (fast for data sets that fit in memory).
+        loader: ``torchvision``: per-sample decoding in workers; ``tensor``: each split decoded once onto the device.
         sampler: ``shuffle``, or ``weighted``: draw training samples with probability 1 / their class's frequency.
     """
 
@@ -99,7 +90,7 @@ class ImageDataModule(LightningDataModule):
         val_split: int | float = 0.1,
         augment: Literal["none", "standard"] = "none",
         seed: int = 42,
-        predict_split: Split = "test",
+        predict_split: Literal["train", "val", "test"] = "test",
         loader: Literal["torchvision", "tensor"] = "torchvision",
         sampler: Literal["shuffle", "weighted"] = "shuffle",
     ) -> None:
@@ -124,11 +115,9 @@ class ImageDataModule(LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    # ---- what a data set provides ------------------------------------------------------------------------
     def make_datasets(self) -> dict[str, Dataset | Callable[[], Dataset]]:
-        """The splits the data set comes with, e.g. ``{"train": ..., "test": ...}``: data sets of (uint8 CHW tensor,
-        label) with ``.targets``, or functions that read one (called only when a stage needs that split); a missing
-        ``val`` is carved out of ``train``."""
+        """The data set's own splits, e.g. ``{"train": ..., "test": ...}``: data sets of (uint8 CHW tensor, label)
+        with ``.targets``, or functions reading one when a stage needs it; a missing ``val`` is carved from train."""
         raise NotImplementedError
 
     def files_present(self) -> bool:
@@ -141,7 +130,6 @@ class ImageDataModule(LightningDataModule):
     def missing_data_message(self) -> str:
         return f"no data in {self.data_dir}"
 
-    # ---- LightningDataModule hooks -----------------------------------------------------------------------
     def prepare_data(self) -> None:
         try:
             if self.files_present():
@@ -152,7 +140,7 @@ class ImageDataModule(LightningDataModule):
                     self.download(Path(tmp))
                 except Exception as err:  # offline, refused, corrupt: all end the same way for the user
                     raise UserError(f"{self.missing_data_message()} (download failed: {type(err).__name__})") from err
-                for entry in Path(tmp).iterdir():
+                for entry in Path(tmp).iterdir():  # renamed into place, or merged into a folder already there
                     target = self.data_dir / entry.name
                     if target.exists():
                         shutil.copytree(entry, target, dirs_exist_ok=True)
@@ -164,11 +152,10 @@ class ImageDataModule(LightningDataModule):
 
     @cached_property
     def sources(self) -> dict[str, Dataset | Callable[[], Dataset]]:
-        """``make_datasets()``, called once."""
         return self.read(self.make_datasets)
 
     def has_split(self, name: str) -> bool:
-        """Whether the split ``name`` (train, val, test or predict) will have data; cheap: nothing is decoded."""
+        """Whether the split ``name`` (train, val, test or predict) will have data; nothing is decoded."""
         return name in self.sources or (name == "val" and "train" in self.sources)
 
     def setup(self, stage: str | None = None) -> None:
@@ -200,7 +187,7 @@ class ImageDataModule(LightningDataModule):
             return make
         try:
             return make()
-        except READ_ERRORS as err:
+        except (AssertionError, EOFError, OSError, pickle.UnpicklingError, RuntimeError) as err:  # torchvision raises
             raise UserError(
                 f"could not read the data set in {self.data_dir} ({type(err).__name__}: {str(err)[:200]}); a file "
                 f"is probably truncated or corrupt: delete it and copy it again, or set --data.data_dir"
@@ -215,10 +202,8 @@ class ImageDataModule(LightningDataModule):
         return 1.0 / torch.bincount(labels).double()[labels]
 
     def train_dataloader(self) -> Any:
-        data, weights = self.splits["train"], self.train_weights()
-        trainer = self.trainer
-        if isinstance(data, InMemory):
-            # the loader continues the trainer's epoch count (a resumed run's first epoch is not epoch 0)
+        data, weights, trainer = self.splits["train"], self.train_weights(), self.trainer
+        if isinstance(data, InMemory):  # continues the trainer's epoch count (a resumed run's first is not epoch 0)
             epoch = trainer.fit_loop.epoch_progress.current.processed - 1 if trainer else -1
             rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
             return TensorLoader(data, self.batch_size, torch.initial_seed(), rank, world_size, epoch, weights)
@@ -226,8 +211,7 @@ class ImageDataModule(LightningDataModule):
         return self._dataloader(data, self.batch_size, shuffle=sampler is None, sampler=sampler)
 
     def _eval_dataloader(self, name: str) -> DataLoader:
-        data = self.splits[name]
-        sampler = None
+        data, sampler = self.splits[name], None
         if self.trainer is not None and self.trainer.world_size > 1:
             # each sample exactly once over all processes (Lightning's default sampler pads with repeats)
             sampler = UnrepeatedDistributedSampler(data, shuffle=False, **self.trainer.distributed_sampler_kwargs)
@@ -236,10 +220,8 @@ class ImageDataModule(LightningDataModule):
     def _dataloader(self, data: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         if isinstance(data, InMemory):
             return DataLoader(data, batch_size=batch_size, collate_fn=whole_batch, **kwargs)
-        workers = dict(
-            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers
-        )
-        return DataLoader(data, batch_size=batch_size, **workers, **kwargs)
+        kwargs |= dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return DataLoader(data, batch_size=batch_size, persistent_workers=self.persistent_workers, **kwargs)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_dataloader("val")
@@ -248,8 +230,7 @@ class ImageDataModule(LightningDataModule):
         return self._eval_dataloader("test")
 
     @property
-    def predict_name(self) -> str:
-        """``predict`` with unlabelled images of its own (ImageFolder's predict_dir), else predict_split."""
+    def predict_name(self) -> str:  # predict: unlabelled images of its own (ImageFolder's predict_dir)
         return "predict" if self.has_split("predict") else self.predict_split
 
     def predict_dataloader(self) -> DataLoader:
@@ -262,6 +243,6 @@ class ImageDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # (images, labels) of a training step; not the model summary's example input, a bare tensor
         training = self.trainer is not None and self.trainer.training
-        if training and self.augment != "none" and isinstance(batch, (list, tuple)):
+        if training and self.augment != "none" and isinstance(batch, list | tuple):
             return (self.augment_batch(batch[0]), *batch[1:])
         return batch

@@ -1,14 +1,9 @@
-"""Whole batches at once: random augmentation on the device, and the in-memory tensor loader.
-
-``BatchAugment`` is the one definition of each data set's ``standard`` augmentation; it runs on a uint8 batch
-after it reaches the device (``ImageDataModule.on_after_batch_transfer``), whichever loader made the batch.
-``loader: tensor`` decodes a split once into a uint8 tensor: training batches come from :class:`TensorLoader`
-(seeded shuffling, DDP shards, resumable mid-epoch), evaluation batches from a ``DataLoader`` over
-:class:`InMemory`, so Lightning's samplers and prediction indices work as with any data set.
-"""
+"""Whole batches at once: ``BatchAugment`` (each data set's ``standard`` augmentation, run on the device by
+``ImageDataModule.on_after_batch_transfer``) and ``loader: tensor``'s in-memory data set and training loader."""
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,69 +13,52 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 
+@dataclass(frozen=True)
 class BatchAugment:
     """Random augmentations of a uint8 batch (N, C, H, W), one draw per image, returned as float in [0, 1].
 
-    Draws come from torch's global generator, which Lightning seeds and the checkpoints save (``RNGState``), so a
-    resumed run augments exactly as an uninterrupted one.
-
-    Args:
-        crop_padding: random crop of the original size from the image reflect-padded by this many pixels; 0: off.
-        flip: random horizontal flip with probability 0.5.
-        degrees, translate, scale: a random affine per image (rotation in degrees, shift as a fraction of the size,
-            zoom range; zero fill), as torchvision's ``RandomAffine``.
+    Draws come from torch's global generator, which Lightning seeds and checkpoints save (``RNGState``), so a resumed
+    run augments exactly as an uninterrupted one. ``crop_padding``: a random crop of the original size from the image
+    reflect-padded by this many pixels (0: off); ``flip``: a horizontal flip with probability 0.5; ``degrees``,
+    ``translate``, ``scale``: a random affine (rotation, shift as a fraction of the size, zoom; zero fill), as
+    torchvision's ``RandomAffine``.
     """
 
-    def __init__(
-        self,
-        crop_padding: int = 0,
-        flip: bool = False,
-        degrees: float = 0.0,
-        translate: float = 0.0,
-        scale: tuple[float, float] = (1.0, 1.0),
-    ) -> None:
-        self.crop_padding, self.flip = crop_padding, flip
-        self.degrees, self.translate, self.scale = degrees, translate, scale
+    crop_padding: int = 0
+    flip: bool = False
+    degrees: float = 0.0
+    translate: float = 0.0
+    scale: tuple[float, float] = (1.0, 1.0)
 
     def __call__(self, images: Tensor) -> Tensor:
-        x, n, device = images, images.shape[0], images.device
-
-        def uniform(low: float, high: float) -> Tensor:
-            return (torch.rand(n) * (high - low) + low).to(device)
-
+        x, n = images, images.shape[0]
         if self.degrees or self.translate or self.scale != (1.0, 1.0):
-            x = as_float(x)
-            angle = uniform(-self.degrees, self.degrees) * (math.pi / 180)
-            zoom = uniform(*self.scale)
-            shift = torch.stack([uniform(-self.translate, self.translate) * 2 for _ in "xy"], dim=1)[..., None]
+            x, d, t = as_float(x), self.degrees, self.translate
+            ranges = ((-d, d), self.scale, (-t, t), (-t, t))
+            angle, zoom, sx, sy = ((torch.rand(n) * (high - low) + low).to(x.device) for low, high in ranges)
+            shift = torch.stack([sx * 2, sy * 2], dim=1)[..., None]
             # affine_grid maps output to input coordinates in [-1, 1]: the inverse of the forward transform
-            cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+            cos, sin = torch.cos(angle * (math.pi / 180)) / zoom, torch.sin(angle * (math.pi / 180)) / zoom
             turn = torch.stack([cos, sin, -sin, cos], dim=1).view(n, 2, 2)
-            theta = torch.cat([turn, -(turn @ shift)], dim=2)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            grid = F.affine_grid(torch.cat([turn, -(turn @ shift)], dim=2), list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.crop_padding or self.flip:
-            x = self.crop_and_flip(x)
+            # crop and flip as one gather (on uint8 when no affine ran): each output pixel's source row and column,
+            # reflected at the border as F.pad(mode="reflect") does, columns reversed for flipped images
+            _, c, h, w = x.shape
+            p = self.crop_padding
+            rows, cols = torch.arange(h).expand(n, h), torch.arange(w).expand(n, w)
+            if p:
+                dy, dx = (torch.randint(0, 2 * p + 1, (n,)) for _ in range(2))
+                rows, cols = reflect(rows + dy[:, None] - p, h), reflect(cols + dx[:, None] - p, w)
+            if self.flip:
+                cols = torch.where(torch.rand(n)[:, None] < 0.5, cols.flip(-1), cols)
+            index = (rows.to(x.device)[:, :, None] * w + cols.to(x.device)[:, None, :]).view(n, 1, h * w)
+            x = x.reshape(n, c, h * w).gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
         return as_float(x)
-
-    def crop_and_flip(self, x: Tensor) -> Tensor:
-        """Crop and flip as one gather: each output pixel's source row and column, reflected at the border (no
-        padded copy), columns reversed for flipped images; on uint8 data when no affine ran first."""
-        n, c, h, w = x.shape
-        p = self.crop_padding
-        rows, cols = torch.arange(h).expand(n, h), torch.arange(w).expand(n, w)
-        if p:
-            dy, dx = (torch.randint(0, 2 * p + 1, (n,)) for _ in range(2))
-            rows, cols = reflect(rows + dy[:, None] - p, h), reflect(cols + dx[:, None] - p, w)
-        if self.flip:
-            cols = torch.where(torch.rand(n)[:, None] < 0.5, cols.flip(-1), cols)
-        rows, cols = rows.to(x.device), cols.to(x.device)
-        index = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w)
-        return x.reshape(n, c, h * w).gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
 
 
 def reflect(position: Tensor, size: int) -> Tensor:
-    """Positions outside ``[0, size)`` mirrored back inside, as ``F.pad(mode="reflect")`` does (edge not repeated)."""
     return (size - 1) - ((size - 1) - position.abs()).abs()
 
 
@@ -105,35 +83,30 @@ class InMemory(Dataset):
         return self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
-def whole_batch(batch: Any) -> Any:
-    """``collate_fn`` for :class:`InMemory`: its ``__getitems__`` already returns the batch."""
+def whole_batch(batch: Any) -> Any:  # collate_fn for InMemory: __getitems__ already made the batch
     return batch
 
 
 def decode(dataset: Dataset, num_workers: int = 0) -> tuple[Tensor, Tensor]:
     """All (uint8 image, label) pairs of ``dataset`` as two tensors, read once with ``num_workers`` workers."""
-    source, index = dataset, None
-    if isinstance(dataset, Subset):
-        source, index = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+    source = dataset.dataset if isinstance(dataset, Subset) else dataset
     if isinstance(getattr(source, "data", None), (Tensor, np.ndarray)):  # torchvision's MNIST and CIFAR: in memory
         images = torch.as_tensor(source.data)
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
         labels = torch.as_tensor(source.targets, dtype=torch.long)
-        if index is not None:
-            images, labels = images.index_select(0, index), labels.index_select(0, index)  # 2x faster than [index]
+        if isinstance(dataset, Subset):  # index_select: 2x faster than [index]
+            index = torch.as_tensor(dataset.indices, dtype=torch.long)
+            images, labels = images.index_select(0, index), labels.index_select(0, index)
         return images.contiguous(), labels
     batches = list(DataLoader(dataset, batch_size=512, num_workers=num_workers))
     return torch.cat([x for x, _ in batches]).contiguous(), torch.cat([torch.as_tensor(y) for _, y in batches]).long()
 
 
 class TensorLoader:
-    """Training batches from in-memory uint8 images: every epoch a new permutation seeded by ``(seed, epoch)``.
-
-    Under DDP rank ``r`` of ``w`` takes every ``w``-th sample of it, cut to the same length on every rank. With
-    ``weights``, samples are drawn with replacement in proportion to them instead (``sampler: weighted``).
-    Lightning saves ``state_dict`` in checkpoints and restores it, so a run resumed mid-epoch continues with exactly
-    the batches an uninterrupted run would have seen.
-    """
+    """Training batches of an :class:`InMemory`: each epoch a permutation seeded by ``(seed, epoch)``, of which DDP
+    rank ``r`` of ``w`` takes every ``w``-th sample (the same count on every rank); with ``weights``, draws with
+    replacement in proportion to them. Its ``state_dict`` is in checkpoints: a run resumed mid-epoch continues with
+    the batches an uninterrupted run would have seen."""
 
     def __init__(
         self,
@@ -147,27 +120,22 @@ class TensorLoader:
     ) -> None:
         self.data, self.batch_size, self.seed, self.weights = data, batch_size, seed, weights
         self.rank, self.world_size = rank, world_size
-        self.epoch = epoch  # the epoch being (or last) iterated; the next __iter__ starts epoch + 1
-        self.position = 0  # batches of `epoch` handed out so far
+        self.epoch, self.position = epoch, 0  # the epoch being (or last) iterated, and its batches handed out
         self._resume = False
 
     def __len__(self) -> int:
         return math.ceil(len(self.data) // self.world_size / self.batch_size)
 
-    def indices(self, epoch: int) -> Tensor:
-        generator = torch.Generator().manual_seed(hash((self.seed, epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
-        n = len(self.data)
-        if self.weights is None:
-            order = torch.randperm(n, generator=generator)
-        else:
-            order = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        return order[self.rank :: self.world_size][: n // self.world_size]
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if not (self._resume and self.position < len(self)):
             self.epoch, self.position = self.epoch + 1, 0
-        self._resume = False
-        order = self.indices(self.epoch).tolist()
+        self._resume, n = False, len(self.data)
+        seeded = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+        if self.weights is None:
+            order = torch.randperm(n, generator=seeded)
+        else:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=seeded)
+        order = order[self.rank :: self.world_size][: n // self.world_size].tolist()
         for batch_idx in range(self.position, len(self)):
             self.position = batch_idx + 1
             yield self.data.__getitems__(order[batch_idx * self.batch_size : (batch_idx + 1) * self.batch_size])

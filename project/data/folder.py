@@ -26,9 +26,8 @@ EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 
 
 class ImageFiles(Dataset):
-    """(uint8 CHW image, label) pairs of image files, each read by :func:`read_image`: as a viewer shows it, in
-    ``mode`` ("L" or "RGB"), resized to ``size`` (height, width); the rule an exported model's metadata states.
-    ``checking``: ``(image, label, why)`` instead, ``why`` saying why a file cannot be decoded (then label -1)."""
+    """(uint8 CHW image, label) of each file, read by :func:`read_image` in ``mode`` ("L" or "RGB") at ``size``
+    (height, width); ``checking``: ``(image, label, why)``, ``why`` saying why a file cannot be decoded (label -1)."""
 
     def __init__(self, samples: Sequence[Sample], mode: str, size: tuple, background: str, checking: bool = False):
         self.samples, self.targets = list(samples), [label for _, label in samples]
@@ -49,20 +48,12 @@ class ImageFiles(Dataset):
         return (image, label, "") if self.checking else (image, label)
 
 
-def stamp(path: str) -> list:
-    """Name, size and time of a file; the name alone for a broken link (decoding it fails and says why)."""
-    status = os.stat(path) if os.path.exists(path) else None
-    return [path, status.st_size, status.st_mtime_ns] if status else [path]
-
-
 class ImageFolderDataModule(ImageDataModule):
     """Images in ``data_dir/<class name>/*.png|jpg|...``, or in ``data_dir/{train,val,test}/<class name>/``.
 
-    Class names are the sub-folder names, sorted (torchvision's ``find_classes``/``make_dataset``). A missing
-    ``test/`` and ``val/`` are seeded, stratified parts of ``train/`` (or of all images, without split folders).
-    Every image is read by :func:`project.data.images.read_image`. The folders are listed on first need (a predict
-    with ``predict_dir`` never touches ``data_dir``); every image is decoded once to find unreadable ones, and the
-    result is kept with the statistics in ``data_dir/.image-checks.json``, so later runs and processes reuse them.
+    Classes are the sorted sub-folder names; a missing ``test/`` or ``val/`` is a seeded, stratified part of ``train/``
+    (or of all images). Each image is decoded once to find unreadable ones; the result and the statistics are kept in
+    ``data_dir/.image-checks.json`` for later runs. A predict with ``predict_dir`` never reads ``data_dir``.
 
     Args:
         data_dir: the root folder.
@@ -124,9 +115,7 @@ class ImageFolderDataModule(ImageDataModule):
     @cached_property
     def found(self) -> tuple[list[str], dict[str, list[Sample]]]:
         root = self.data_dir
-        require(
-            root.is_dir(), f"image folder {root} not found; set --data.data_dir to a folder with a folder per class"
-        )
+        require(root.is_dir(), f"image folder {root} not found; set --data.data_dir to a folder of class folders")
         base = root / "train" if (root / "train").is_dir() else root
         try:
             names, class_to_idx = find_classes(base)
@@ -155,10 +144,11 @@ class ImageFolderDataModule(ImageDataModule):
 
     @cached_property
     def checked(self) -> dict[str, Any]:
-        """The unreadable images of every split, and the training images' mean and std (unless given): from
+        """The unreadable images of every split and the training images' mean and std (unless given): from
         ``data_dir/.image-checks.json`` while no file changed, else every image decoded once and the file rewritten."""
         split_of = {path: name for name, samples in self.samples.items() for path, _ in samples}
-        files = hashlib.sha256(json.dumps([stamp(path) for path in sorted(split_of)]).encode()).hexdigest()
+        stamps = [[p, (s := os.stat(p)).st_size, s.st_mtime_ns] if os.path.exists(p) else [p] for p in sorted(split_of)]
+        files = hashlib.sha256(json.dumps(stamps).encode()).hexdigest()  # a broken link: its name alone
         setting = [*self.size, self.channels, self.background, self.seed, self.val_split, self.test_split]
         cache = self.data_dir / CHECKS
         try:
@@ -178,8 +168,7 @@ class ImageFolderDataModule(ImageDataModule):
         return saved
 
     def _decode(self, samples: list[Sample], stats: bool) -> dict[str, Any]:
-        """Decode each file once (DataLoader workers): {path: why} of those that fail, and with ``stats`` the mean
-        and std per channel of the readable ones labelled 1."""
+        """{path: why} of undecodable files; with ``stats`` the mean and std of the readable ones labelled 1."""
         loader = DataLoader(self._files(samples, checking=True), batch_size=256, num_workers=self.num_workers)
         bad, total, squares, count = {}, 0.0, 0.0, 0
         for start, (x, label, why) in zip(range(0, len(samples), 256), loader, strict=True):
@@ -194,15 +183,14 @@ class ImageFolderDataModule(ImageDataModule):
         return {"unreadable": bad, "mean": mean.tolist(), "std": std.tolist()}
 
     def _refuse_or_skip(self, bad: dict[str, str], split_of: dict[str, str]) -> None:
-        if not bad:
-            return
-        first = min(bad)
-        require(
-            self.on_corrupt == "skip",
-            f"{bad[first]} in the {split_of[first]} split; {len(bad)} image(s) cannot be read: remove them or set "
-            f"--data.on_corrupt skip",
-        )
-        log.warning("skipped %d unreadable image(s), first: %s (%s split)", len(bad), first, split_of[first])
+        if bad:
+            first = min(bad)
+            require(
+                self.on_corrupt == "skip",
+                f"{bad[first]} in the {split_of[first]} split; {len(bad)} image(s) cannot be read: remove them or set "
+                f"--data.on_corrupt skip",
+            )
+            log.warning("skipped %d unreadable image(s), first: %s (%s split)", len(bad), first, split_of[first])
 
     def _files(self, samples: Sequence[Sample], checking: bool = False) -> ImageFiles:
         return ImageFiles(samples, "L" if self.channels == 1 else "RGB", self.size, self.background, checking)

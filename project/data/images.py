@@ -21,32 +21,25 @@ def rgb(color: str) -> tuple[int, int, int]:
     return ImageColor.getrgb(color)[:3]
 
 
-def as_seen(image: Image.Image, background: str = "white") -> Image.Image:
-    """What an image viewer shows of ``image``: its first frame, upright, 8 bits per channel, transparent pixels
-    over ``background``; mode ``L`` or ``RGB``."""
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # convert("L") would clip, not scale
-        scale = 255.0 if image.mode == "F" else 255 / 65535
-        pixels = np.clip(np.rint(np.asarray(image, dtype=np.float64) * scale), 0, 255)
-        image = Image.fromarray(pixels.astype(np.uint8))
-    if image.has_transparency_data:  # RGBA, LA, PA, P or L/RGB with a transparent colour
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*rgb(background), 255)), rgba).convert("RGB")
-    elif image.mode not in ("L", "RGB"):  # 1, P, CMYK, YCbCr, LAB, HSV
-        image = image.convert("L" if image.mode == "1" else "RGB")
-    return image
-
-
 def read_image(
     source: str | os.PathLike | BinaryIO,
     mode: Literal["L", "RGB"],
     size: tuple[int, int],
     background: str = "white",
 ) -> Tensor:
-    """An image file as a uint8 (C, H, W) tensor: :func:`as_seen`, converted to ``mode``, resized bilinearly to
-    ``size`` (height, width). Raises what PIL raises for a file it cannot decode."""
+    """An image file as a uint8 (C, H, W) tensor by the ``RULE``, in ``mode``, at ``size`` (height, width). Raises
+    what PIL raises for a file it cannot decode."""
     with Image.open(source) as image:
-        seen = as_seen(image, background).convert(mode)
-        return pil_to_tensor(seen.resize(size[::-1], Image.Resampling.BILINEAR))
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # convert("L") would clip, not scale
+            scale = 255.0 if image.mode == "F" else 255 / 65535
+            pixels = np.clip(np.rint(np.asarray(image, dtype=np.float64) * scale), 0, 255)
+            image = Image.fromarray(pixels.astype(np.uint8))
+        if image.has_transparency_data:  # RGBA, LA, PA, P or L/RGB with a transparent colour
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*rgb(background), 255)), rgba).convert("RGB")
+        elif image.mode not in ("L", "RGB"):  # 1, P, CMYK, YCbCr, LAB, HSV
+            image = image.convert("L" if image.mode == "1" else "RGB")
+        return pil_to_tensor(image.convert(mode).resize(size[::-1], Image.Resampling.BILINEAR))

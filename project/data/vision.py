@@ -39,8 +39,7 @@ class _MNISTFamily(_TorchvisionDataModule):
     """28x28 grayscale images read from the raw IDX files under ``data_dir/<Name>/raw``.
 
     Args:
-        gz_dir: a folder holding the four ``*-idx?-ubyte.gz`` files, unpacked into ``data_dir`` (each checked: IDX
-            header, sizes) when the raw files are not there; a folder that does not exist is passed over.
+        gz_dir: a folder of the four ``*-idx?-ubyte.gz`` files, checked and unpacked if needed; ignored if missing.
         **kwargs: see :class:`ImageDataModule`.
     """
 
@@ -58,16 +57,15 @@ class _MNISTFamily(_TorchvisionDataModule):
     def files_present(self) -> bool:
         if all((self.raw_dir / name).is_file() for name in IDX_FILES):
             return True
-        if not (self.gz_dir and Path(self.gz_dir).is_dir()):
+        if not (self.gz_dir and (folder := Path(self.gz_dir)).is_dir()):
             return False
-        missing = [f"{n}.gz" for n in IDX_FILES if not (Path(self.gz_dir) / f"{n}.gz").is_file()]
+        missing = [f"{n}.gz" for n in IDX_FILES if not (folder / f"{n}.gz").is_file()]
         require(not missing, f"--data.gz_dir {self.gz_dir} lacks {', '.join(missing)}")
         count = 0  # images in the file before: as many labels
         for name in IDX_FILES:
-            gz = Path(self.gz_dir) / f"{name}.gz"
             with atomic_write(self.raw_dir / name) as raw:  # in place only once checked
                 try:
-                    with gzip.open(gz) as packed:
+                    with gzip.open(folder / f"{name}.gz") as packed:
                         shutil.copyfileobj(packed, raw)
                     raw.flush()
                     data = read_sn3_pascalvincent_tensor(raw.name)  # torchvision's IDX reader: header, type, size
@@ -77,8 +75,8 @@ class _MNISTFamily(_TorchvisionDataModule):
                     ok = False
                 require(
                     ok,
-                    f"{gz} is not a whole {self.dataset_class.__name__} IDX file, or its images and labels differ in "
-                    f"number; replace it, or set --data.gz_dir to a folder with good copies",
+                    f"{folder / name}.gz is not a whole {self.dataset_class.__name__} IDX file, or its images and "
+                    f"labels differ in number; replace it, or set --data.gz_dir to a folder with good copies",
                 )
         return True
 
@@ -93,8 +91,7 @@ class _MNISTFamily(_TorchvisionDataModule):
 class MNISTDataModule(_MNISTFamily):
     dataset_class = datasets.MNIST
     class_names = tuple(str(i) for i in range(10))
-    mean = (0.1307,)
-    std = (0.3081,)
+    mean, std = (0.1307,), (0.3081,)
 
 
 class FashionMNISTDataModule(_MNISTFamily):
@@ -102,8 +99,7 @@ class FashionMNISTDataModule(_MNISTFamily):
 
     dataset_class = datasets.FashionMNIST
     class_names = tuple(datasets.FashionMNIST.classes)
-    mean = (0.2860,)
-    std = (0.3530,)
+    mean, std = (0.2860,), (0.3530,)
 
     def __init__(self, *args: Any, gz_dir: str | None = "/usr/share/datasets/fashion-mnist", **kwargs: Any) -> None:
         super().__init__(*args, gz_dir=gz_dir, **kwargs)
@@ -123,8 +119,7 @@ class _CIFAR(_TorchvisionDataModule):
         try:  # torchvision checks every file's MD5 when it opens a split
             return super().open(train)
         except RuntimeError as err:  # the files are there (files_present), so a download would not replace them
-            cls = self.dataset_class
-            folder = self.data_dir / cls.base_folder
+            cls, folder = self.dataset_class, self.data_dir / self.dataset_class.base_folder
             raise UserError(
                 f"{cls.__name__} not found or corrupt: a file in {folder} fails torchvision's MD5 check; delete "
                 f"{folder}, then unpack {cls.filename} into {self.data_dir} or run once online"
@@ -132,10 +127,10 @@ class _CIFAR(_TorchvisionDataModule):
 
     def missing_data_message(self) -> str:
         cls = self.dataset_class
-        files = [name for name, _ in cls.train_list + cls.test_list]
+        files = ", ".join(name for name, _ in cls.train_list + cls.test_list)
         return (
-            f"{cls.__name__} not found or corrupt: expected {', '.join(files)} (python version, with matching MD5s) "
-            f"in {self.data_dir / cls.base_folder}; unpack {cls.filename} into {self.data_dir} or run once online"
+            f"{cls.__name__} not found or corrupt: expected {files} (python version, with matching MD5s) in "
+            f"{self.data_dir / cls.base_folder}; unpack {cls.filename} into {self.data_dir} or run once online"
         )
 
     def download(self, root: Path) -> None:
@@ -146,8 +141,7 @@ class _CIFAR(_TorchvisionDataModule):
 class CIFAR10DataModule(_CIFAR):
     dataset_class = datasets.CIFAR10
     class_names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-    mean = (0.4914, 0.4822, 0.4465)
-    std = (0.2470, 0.2435, 0.2616)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 class CIFAR100DataModule(_CIFAR):
@@ -163,5 +157,4 @@ class CIFAR100DataModule(_CIFAR):
         tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm
     """.split()
     )
-    mean = (0.5071, 0.4865, 0.4409)
-    std = (0.2673, 0.2564, 0.2762)
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
