@@ -95,7 +95,10 @@ def machine(p: dict) -> str:
         flags = ", ".join(flags) or f"none of {', '.join(SPEED_FLAGS)}"
     cores = f"{p['cores']} cores" if isinstance(p["cores"], int) else f"cores: {p['cores']}"
     gpu = "no GPU" if p["gpu"] is None else f"GPU: {p['gpu']}"
-    return f"{p['cpu']} · flags: {flags} · {cores} · torch threads: {p.get('torch_threads', NOT_RECORDED)} · {gpu}"
+    family = f" (family/model {p['cpu_family_model']})" if p.get("cpu_family_model") else ""
+    return (
+        f"{p['cpu']}{family} · flags: {flags} · {cores} · torch threads: {p.get('torch_threads', NOT_RECORDED)} · {gpu}"
+    )
 
 
 def versions(p: dict) -> str:

@@ -43,26 +43,32 @@ SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the CPU flags th
 NOT_RECORDED = "not recorded"  # a provenance field of results measured before it was kept
 
 
-def cpu_model_and_flags() -> tuple[str, list[str]]:
-    """The CPU's model name and which of ``SPEED_FLAGS`` it has (``/proc/cpuinfo``; elsewhere no flags)."""
-    model, flags = platform.processor() or platform.machine(), set()
+def cpu_info() -> tuple[str, str, list[str]]:
+    """The CPU's model name, its family/model numbers (two CPUs named "AMD EPYC" can be generations apart) and which
+    of ``SPEED_FLAGS`` it has (``/proc/cpuinfo``; elsewhere no flags)."""
+    fields: dict[str, str] = {}
     info = Path("/proc/cpuinfo")
     for line in info.read_text().splitlines() if info.exists() else []:
         key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
+        fields.setdefault(key.strip(), value.strip())
+        if key.strip() == "flags":
             break
-    return model, [f for f in SPEED_FLAGS if f in flags]
+    flags = set(fields.get("flags", "").split())
+    family = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+    return (
+        fields.get("model name") or platform.processor() or platform.machine(),
+        family,
+        [f for f in SPEED_FLAGS if f in flags],
+    )
 
 
 def machine_key(model: str, flags: list[str]) -> str:
-    """The results folder of a machine type: the first two words of the CPU model plus its native bf16 flag if any,
-    e.g. ``amd-epyc``, ``intel-xeon-amx_bf16``."""
+    """The results folder of a machine type: the first two words of the CPU model, its widest vector unit and its
+    native bf16 flag if any, e.g. ``amd-epyc-avx2``, ``intel-xeon-avx512f-amx_bf16``."""
     words = re.sub(r"\((r|tm)\)", " ", model.lower()).split()[:2]  # "Intel(R) Xeon(R) ..." -> intel, xeon
+    simd = [f for f in ("avx512f", "avx2") if f in flags][:1]
     bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags][:1]  # AMX where both
-    return "-".join([re.sub(r"[^a-z0-9]+", "-", w).strip("-") for w in words] + bf16) or "unknown"
+    return "-".join([re.sub(r"[^a-z0-9]+", "-", w).strip("-") for w in words] + simd + bf16) or "unknown"
 
 
 def provenance() -> dict[str, Any]:
@@ -72,7 +78,7 @@ def provenance() -> dict[str, Any]:
     import torch
     import torchvision
 
-    cpu, flags = cpu_model_and_flags()
+    cpu, family, flags = cpu_info()
     commit = git("rev-parse", "--short=10", "HEAD")
     dirty = git("status", "--porcelain", "--", ".", ":(exclude)bench/results", ":(exclude)BENCHMARKS.md")
     return {
@@ -81,6 +87,7 @@ def provenance() -> dict[str, Any]:
         "commit": commit or "unknown",
         "dirty": bool(dirty) if commit else None,
         "cpu": cpu,
+        "cpu_family_model": family,
         "flags": flags,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
