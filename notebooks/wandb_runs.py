@@ -54,8 +54,8 @@ def wait_for_exit(path: Path, wait: float) -> None:
 
 
 def read_wandb_run(path: Path, wait: float = 120.0) -> dict[str, Any]:
-    """The W&B run in ``path`` (a run folder, or a ``.wandb`` file): id, name, git commit, config, summary, history rows in
-    order, artifacts. A run folder must hold exactly one W&B run. Waits up to ``wait`` seconds for the run to be
+    """The W&B run in ``path`` (a run folder, or a ``.wandb`` file): id, name, git commit, config, summary, history
+    rows in order, artifacts. A run folder must hold exactly one W&B run. Waits up to ``wait`` seconds for the run to be
     finished on disk (0: read a run in progress, or a killed one, as it is)."""
     path = Path(path)
     files = [path] if path.suffix == ".wandb" else sorted(path.glob("wandb/*run-*/run-*.wandb"))

@@ -17,12 +17,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from notebooks.wandb_runs import read_wandb_run
 from project.callbacks.interrupt import GracefulInterrupt
 from project.cli import cli_main
 from tests import slurm
 from tests.conftest import N_TEST, ROOT, unavailable
 from tests.test_ddp import ddp
-from notebooks.wandb_runs import read_wandb_run
 
 pytestmark = pytest.mark.processes  # pytest-xdist keeps a test file on one worker (--dist loadfile)
 TIMEOUT_S = 300  # a hung launch fails instead of hanging CI; a launch takes 10 to 40 s

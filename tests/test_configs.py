@@ -12,11 +12,11 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
+from notebooks.wandb_runs import read_wandb_run
 from project.cli import cli_main
 from project.data.batches import TensorLoader
 from project.loggers import WandbLogger
 from tests.conftest import CONFIGS, QUIET, read_metrics
-from notebooks.wandb_runs import read_wandb_run
 
 STACKS = {  # every YAML under configs/ is in at least one stack (checked below); its effect is checked in CHECKS
     "mnist": [

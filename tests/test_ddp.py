@@ -10,10 +10,10 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler
 
+from notebooks.wandb_runs import read_wandb_run
 from project.cli import cli_main
 from project.data import MNISTDataModule
 from tests.conftest import CONFIGS, N_TEST, N_VAL, QUIET, run_module
-from notebooks.wandb_runs import read_wandb_run
 
 pytestmark = pytest.mark.processes  # each test starts two processes
 

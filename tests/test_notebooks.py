@@ -11,9 +11,9 @@ from jupyter_client import BlockingKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.utils import run_sync
 
+from notebooks.wandb_runs import read_wandb_run
 from project.cli import cli_main
 from tests.conftest import CONFIGS, QUIET, ROOT, read_metrics
-from notebooks.wandb_runs import read_wandb_run
 
 NOTEBOOKS = ROOT / "notebooks"
 TINY = "--trainer.limit_train_batches=2 --trainer.num_sanity_val_steps=0 --trainer.log_every_n_steps=1"

@@ -26,10 +26,10 @@ import yaml
 from lightning.pytorch import Callback
 from PIL import Image
 
-from notebooks.wandb_runs import read_wandb_run, records
 from extras.sweep import space
 from extras.sweep.report import open_storage, pruner
 from extras.sweep.search import check, main
+from notebooks.wandb_runs import read_wandb_run, records
 from project.cli import cli_main
 from tests import slurm
 from tests.conftest import CONFIGS, CSV, QUIET, ROOT, error_line, read_metrics

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import wandb
 
+from notebooks.wandb_runs import read_wandb_run
 from project.cli import cli_main
 from project.loggers import has_credentials, resolve_mode
 from tests.conftest import CONFIGS, QUIET, ROOT, fails, run_module
-from notebooks.wandb_runs import read_wandb_run
 
 FAKE_KEY = "local-" + "f4ke" * 10  # planted: must appear in no file written
 SMALL = [*QUIET, "--model.init_args.net.init_args.width=4", "--data.init_args.batch_size=50"]
