@@ -43,13 +43,13 @@ Written by `python bench/all.py` from `bench/results/<machine type>/*.json`; not
 figure comes from the script named in its section, run with its default arguments (a section says so when not), and
 each section ends with the command that measures it again alone. A machine type is the CPU model, its widest vector
 unit and its native bf16 flag (`amd-epyc-avx2`, `intel-xeon-avx512f-amx_bf16`; `amd-epyc`: measured before flags
-were recorded, 1.65x faster than `amd-epyc-avx2` on the same scripts, so another generation): each has its own
-results folder, its own summary table and its own block in each section, newest first, headed by the machine and the
-code measured; a run rewrites only its own machine's folder. Side-by-side figures alternate the two sides (A B A B
-...) and give the median and the spread (min–max) of the runs. A goal is **met** or **not met** only when every run
-of one side lies on the same side of the goal as every run of the other (scaled by the goal); when the ranges
-overlap the spread is wider than the difference and the verdict is **not shown**. Figures quoted from an issue, raw
-results not kept, say so and are not judged.
+were recorded, faster than `amd-epyc-avx2` on the same scripts (compare their tables), so another generation): each
+has its own results folder, its own summary table and its own block in each section, newest first, headed by the
+machine and the code measured; a run rewrites only its own machine's folder. Side-by-side figures alternate the two
+sides (A B A B ...) and give the median and the spread (min–max) of the runs. A goal is **met** or **not met** only
+when every run of one side lies on the same side of the goal as every run of the other (scaled by the goal); when
+the ranges overlap the spread is wider than the difference and the verdict is **not shown**. Figures quoted from an
+issue, raw results not kept, say so and are not judged.
 """
 
 
