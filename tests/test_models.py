@@ -22,6 +22,7 @@ from tests.formats import write_image_folder
         (MLP(num_classes=7, input_shape=(1, 28, 28)), (1, 28, 28)),
         (SmallCNN(num_classes=7, input_shape=(3, 40, 40)), (3, 40, 40)),
         (SmallCNN(num_classes=7, input_shape=(1, 28, 28), width=4, stages=2, head="flatten", hidden=16), (1, 28, 28)),
+        (SmallCNN(num_classes=7, input_shape=(3, 30, 30), width=4, stages=3, pool_first=True), (3, 30, 30)),
         (ResNet(num_classes=7, input_shape=(3, 32, 32), blocks=(1, 1), width=8), (3, 32, 32)),
         (TorchvisionBackbone(num_classes=7, input_shape=(1, 32, 32), arch="mobilenet_v3_small"), (1, 32, 32)),
         (TorchvisionBackbone(num_classes=7, input_shape=(3, 32, 32), arch="efficientnet_b0"), (3, 32, 32)),
@@ -46,6 +47,24 @@ def test_small_cnn_flatten_head_keeps_where_features_are_and_resnet_blocks_start
     assert not torch.allclose(flat(left), flat(right))
     block, x = ResNet(num_classes=3, blocks=(1, 1), width=8).eval().stages[0], torch.relu(torch.randn(2, 8, 8, 8))
     torch.testing.assert_close(block(x), x)
+
+
+def test_small_cnn_pool_first_normalizes_pooled_maps_and_equals_the_default_in_eval():
+    kwargs = {"num_classes": 3, "width": 4, "stages": 2, "head": "flatten", "hidden": 8}
+    default, pool_first = SmallCNN(**kwargs), SmallCNN(**kwargs, pool_first=True)
+    norm_inputs = []
+    for bn in (m for m in pool_first.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.register_forward_pre_hook(lambda _, args: norm_inputs.append(tuple(args[0].shape[-2:])))
+    x = torch.randn(5, 1, 28, 28)
+    pool_first.train()(x)
+    assert norm_inputs == [(14, 14), (7, 7)]  # BN runs after each pool, on a quarter of the pixels
+    # Same weights: in eval, BN with a positive scale is an increasing map, which max-pool commutes with.
+    with torch.no_grad():
+        for bn in (m for m in default.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.abs_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
+        for mine, theirs in zip(pool_first.state_dict().values(), default.state_dict().values(), strict=True):
+            mine.copy_(theirs)
+    torch.testing.assert_close(pool_first.eval()(x), default.eval()(x))
 
 
 def test_classifier_normalizes_raw_images_itself():

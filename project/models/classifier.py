@@ -135,10 +135,13 @@ class ImageClassifier(LightningModule):
         loss = self.criterion(logits.float(), y)
         self.train_metrics.update(logits.detach(), y)
         self.train_loss.update(loss.detach(), weight=y.numel())
-        # the epoch means (Lightning computes and resets the metric objects), logged however few the steps
-        self.log_dict({**self.train_metrics, "train/loss": self.train_loss}, on_step=False, on_epoch=True)
         self.log("train/loss_step", loss, prog_bar=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # The epoch means, logged however few the steps; Lightning computes and resets the metric objects. Logged
+        # here, not per step: handing Lightning the metric objects every step cost ~5% of a small net's step time.
+        self.log_dict({**self.train_metrics, "train/loss": self.train_loss})
 
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # sanity-check batches must not count towards the best validation accuracy
