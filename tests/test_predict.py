@@ -140,7 +140,7 @@ class Files(torch.utils.data.Dataset):
         self.samples = [(f"img{i}.png", i % 3) for i in range(n)]
 
 
-def test_writer_rows_are_the_model_outputs_named_per_input_file(tmp_path, caplog):
+def test_writer_rows_are_the_model_outputs_named_per_input_file(tmp_path, caplog, monkeypatch):
     """The writer itself, with a stand-in trainer: logits or probabilities in, per input its file (through a Subset
     and an in-memory copy), target (none for -1), predicted class, its probability and the top-k, rounded to 6
     places; a loader whose sampler Lightning cannot track numbers the inputs in order (one process only)."""
@@ -186,6 +186,34 @@ def test_writer_rows_are_the_model_outputs_named_per_input_file(tmp_path, caplog
             [str(i), f, t or "", k[0][0], str(k[0][1]), *(str(v) for pair in k for v in pair)]
             for i, f, t, k in expected
         ]
+    default = PredictionWriter()  # CSV only, the top 3
+    (tmp_path / "default").mkdir()
+    trainer.log_dir = str(tmp_path / "default")
+    default.on_predict_epoch_start(trainer, model)
+    default.write_on_batch_end(trainer, model, {"probs": probs}, None, torch.zeros(5, 3), 0, 0)  # images, no labels
+    default.on_predict_epoch_end(trainer, model)
+    assert default.written == [tmp_path / "default" / "predictions.csv"]
+    rows = read_csv(default.written[0])
+    assert [r["target"] for r in rows] == [""] * 5 and "top4_class" not in rows[-1]
+    assert [rows[-1][f"top{j}_class"] for j in (1, 2, 3)] == ["a", "d", "c"]  # 0.4, 0.1, 0.2, 0.3
+
+    # two DDP ranks (the gather stood in for): rank 1 sent inputs 5 and 6, and input 0 again (a padding repeat)
+    def gather(out: list, rows: list) -> None:
+        out[:] = [rows, [{**r, "index": i, "id": f"other{i}"} for r, i in zip(rows, (5, 6, 0), strict=False)]]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    trainer.world_size = 2
+    default.write_on_batch_end(trainer, model, {"probs": probs}, [0, 1, 2, 3, 4], torch.zeros(5, 3), 0, 0)
+    default.on_predict_epoch_end(trainer, model)
+    assert [r["id"] for r in read_csv(default.written[0])] == [
+        "img3.png",
+        "img1.png",
+        "img4.png",
+        "img0.png",
+        "img2.png",
+        "other5",
+        "other6",
+    ]
     trainer.world_size = 2  # DDP: without the sampler's indices the rows of the ranks cannot be merged
     with pytest.raises(UserError, match="predict under DDP needs a DataLoader with a sampler Lightning can track"):
         writer.write_on_batch_end(trainer, model, probs, None, (None, torch.zeros(5, dtype=torch.long)), 0, 0)
