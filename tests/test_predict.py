@@ -214,6 +214,13 @@ def test_writer_rows_are_the_model_outputs_named_per_input_file(tmp_path, caplog
         "other5",
         "other6",
     ]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # no logger (no log_dir) and no output_dir: the current folder
+    trainer.world_size, trainer.log_dir = 1, None
+    default.on_predict_epoch_start(trainer, model)
+    default.write_on_batch_end(trainer, model, {"probs": probs}, None, torch.zeros(5, 3), 0, 0)
+    default.on_predict_epoch_end(trainer, model)
+    assert [p.name for p in (tmp_path / "cwd").iterdir()] == ["predictions.csv"]
     trainer.world_size = 2  # DDP: without the sampler's indices the rows of the ranks cannot be merged
     with pytest.raises(UserError, match="predict under DDP needs a DataLoader with a sampler Lightning can track"):
         writer.write_on_batch_end(trainer, model, probs, None, (None, torch.zeros(5, dtype=torch.long)), 0, 0)
