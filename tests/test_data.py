@@ -23,7 +23,7 @@ from project.data import (
     vision,
 )
 from project.data.base import stratified_split
-from project.data.batches import BatchAugment, InMemory, TensorLoader
+from project.data.batches import BatchAugment, InMemory, TensorLoader, decode
 from project.data.images import read_image
 from project.errors import UserError
 from tests.conftest import CONFIGS, CSV, QUIET, fails, fit
@@ -379,6 +379,31 @@ def test_tensor_loader_is_seeded_sharded_and_resumes_mid_epoch():
     weighted = [collect(loader(weights=weights))[0].flatten() for _ in range(2)]
     assert torch.equal(*weighted)  # weighted draws seeded too (resumable)
     assert len(loader(n=17, world_size=2)) == 1 == len(list(loader(n=17, world_size=2)))  # 8 each, no empty batch
+
+
+class Arrays(torch.utils.data.Dataset):
+    """A torchvision-style data set held as one array (``data``, ``targets``) that must not be read per sample."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.targets = data, list(range(len(data)))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        raise AssertionError("an in-memory array is copied whole, not read sample by sample")
+
+
+def test_decoding_copies_arrays_whole_in_split_order_and_reads_other_data_sets_by_sample():
+    hwc = np.arange(3 * 4 * 5 * 3, dtype=np.uint8).reshape(3, 4, 5, 3)  # CIFAR's layout; MNIST's has no channels
+    images, labels = decode(torch.utils.data.Subset(Arrays(hwc), [2, 0]))
+    assert torch.equal(images, torch.as_tensor(hwc[[2, 0]]).permute(0, 3, 1, 2)) and labels.tolist() == [2, 0]
+    images, labels = decode(Arrays(hwc[..., 0]))
+    assert torch.equal(images, torch.as_tensor(hwc[..., 0]).unsqueeze(1)) and labels.tolist() == [0, 1, 2]
+    files = torch.utils.data.TensorDataset(images.flip(0), labels.flip(0))  # as ImageFiles: read per sample
+    assert all(torch.equal(a, b) for a, b in zip(decode(files), files.tensors, strict=True))
+    data = InMemory(images, labels)
+    assert torch.equal(data[2][0], images[2]) and data[2][1] == 2 and len(data) == 3
 
 
 def blob(n: int, size: int = 33) -> torch.Tensor:

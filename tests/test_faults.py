@@ -9,12 +9,15 @@ import signal as signal_module
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 import project.checkpoint_io
+from project.callbacks.nan_guard import NonFiniteGuard
 from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.cli import cli_main
 from project.errors import UserError
@@ -86,6 +89,25 @@ def test_non_finite_gradients_never_reach_a_checkpoint(nan_at, kept, capsys, mni
         assert all_finite(path) and torch.load(path, weights_only=True)["global_step"] == kept
 
 
+def test_fp16_gradient_scaler_is_left_to_skip_non_finite_steps():
+    """Under ``16-mixed`` (a gradient scaler, as on a GPU) non-finite gradients are the scaler's to skip, not an
+    error; under ``bf16-mixed`` (no scaler) the same gradients stop the run."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    weight.grad = torch.tensor([1.0, float("nan")])
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    guard = NonFiniteGuard()
+    guard.on_before_backward(None, None, torch.tensor(float("nan")))
+    for precision, stops in [("16-mixed", False), ("bf16-mixed", True)]:
+        trainer = SimpleNamespace(
+            precision_plugin=MixedPrecision(precision, "cpu"), checkpoint_callbacks=[], global_step=3, current_epoch=0
+        )
+        if stops:
+            with pytest.raises(UserError, match="training loss is nan and the gradients are not finite at step 3 "):
+                guard.on_before_optimizer_step(trainer, None, optimizer)
+        else:
+            guard.on_before_optimizer_step(trainer, None, optimizer)
+
+
 def test_huge_learning_rate_is_caught(capsys, mnist_root):
     """SGD whose learning rate jumps to 1e29 after epoch 0 (StepLR): training diverges in epoch 1 and stops at the
     first non-finite gradients, leaving epoch 0's checkpoints as they were and naming the last one."""
@@ -149,7 +171,9 @@ def test_checkpoint_reads_honour_the_device_remote_paths_and_name_what_is_wrong(
     assert torch.equal(load_checkpoint("memory://runs/last.ckpt")["state_dict"]["w"], torch.ones(2))
     (tmp_path / "other.pkl").write_bytes(pickle.dumps({"weights": [1.0]}))
     (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[:200])
+    torch.save({"w": torch.ones(2)}, tmp_path / "weights.pt")  # a model's bare state_dict
     for name, why in [
+        ("weights.pt", "{} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by fit"),
         ("gone.ckpt", "checkpoint not found: {}"),
         ("other.pkl", "{} is not a readable checkpoint (damaged or not a checkpoint); pass a .ckpt from fit"),
         ("cut.ckpt", "{} is not a readable checkpoint (RuntimeError); pass a .ckpt from fit"),
@@ -157,6 +181,24 @@ def test_checkpoint_reads_honour_the_device_remote_paths_and_name_what_is_wrong(
         with pytest.raises(UserError) as error:
             load_checkpoint(tmp_path / name)
         assert str(error.value) == why.format(tmp_path / name)
+    torch.save({"state_dict": {}, "path": Path("x")}, tmp_path / "hostile.ckpt")  # a pickled class: could run code
+    for mmap in (False, True):
+        with pytest.raises(UserError, match="^refused to load .*hostile.ckpt: it contains Python objects"):
+            load_checkpoint(tmp_path / "hostile.ckpt", mmap)
+
+
+def test_a_checkpoint_read_is_handed_over_once_under_mmap_and_never_stale(tmp_path):
+    """With ``mmap`` the file read (by the CLI) is handed to the next load of the same path, once; otherwise, and
+    after that, every load reads the file as it is now."""
+    path = tmp_path / "last.ckpt"
+    for mmap in (False, True):
+        io = SafeCheckpointIO(mmap) if mmap else SafeCheckpointIO()
+        io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+        first = io.load_checkpoint(path)
+        io.save_checkpoint({"state_dict": {"w": torch.full((2,), 2.0)}}, path)
+        again = io.load_checkpoint(path)
+        assert (again is first) == mmap and torch.equal(again["state_dict"]["w"], torch.full((2,), 1.0 + (not mmap)))
+        assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.full((2,), 2.0))
 
 
 def test_disk_full_during_fit_is_one_line_and_keeps_earlier_checkpoints(capsys, mnist_root, monkeypatch):

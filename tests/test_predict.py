@@ -2,13 +2,19 @@
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from project.callbacks.prediction_writer import PredictionWriter, merge_rows
 from project.cli import cli_main
+from project.data.batches import InMemory
+from project.errors import UserError
 from tests.conftest import CONFIGS, QUIET, fit
 
 
@@ -125,3 +131,103 @@ def test_rows_merged_from_padded_ranks_keep_each_input_once(tmp_path):
     ]
     (path,) = PredictionWriter(formats=["csv"], top_k=1).write(rows, tmp_path)
     assert [r["id"] for r in read_csv(path)] == [f"img{i}.png" for i in range(7)]
+
+
+class Files(torch.utils.data.Dataset):
+    """A stand-in for ImageFiles: the file of each sample in ``samples``."""
+
+    def __init__(self, n: int) -> None:
+        self.samples = [(f"img{i}.png", i % 3) for i in range(n)]
+
+
+def test_writer_rows_are_the_model_outputs_named_per_input_file(tmp_path, caplog, monkeypatch):
+    """The writer itself, with a stand-in trainer: logits or probabilities in, per input its file (through a Subset
+    and an in-memory copy), target (none for -1), predicted class, its probability and the top-k, rounded to 6
+    places; a loader whose sampler Lightning cannot track numbers the inputs in order (one process only)."""
+    files = Files(5)
+    order = Subset(files, [3, 1, 4, 0, 2])
+    dataset = InMemory(torch.zeros(5, 1, 1, 1, dtype=torch.uint8), torch.tensor([0, 2, 1, -1, 0]), source=order)
+    trainer = SimpleNamespace(
+        world_size=1, predict_dataloaders=[DataLoader(dataset)], is_global_zero=True, log_dir=str(tmp_path)
+    )
+    model = SimpleNamespace(class_names=["a", "b", "c", "d"])
+    probs = torch.tensor(
+        [
+            [0.1234567, 0.0, 0.8765433, 0.0],
+            [0.25, 0.5, 0.125, 0.125],
+            [0.0, 0.0, 0.3333333, 0.6666667],
+            [0.9999994, 0.0000006, 0.0, 0.0],
+            [0.4, 0.1, 0.2, 0.3],
+        ]
+    )
+    writer = PredictionWriter(formats=["csv", "jsonl"], top_k=2)
+    caplog.set_level(logging.INFO)
+    writer.on_predict_epoch_start(trainer, model)
+    writer.write_on_batch_end(trainer, model, probs[:3].log(), None, (None, torch.tensor([0, 2, 1])), 0, 0)
+    writer.write_on_batch_end(trainer, model, {"probs": probs[3:]}, [], (None, torch.tensor([-1, 0])), 1, 0)
+    writer.on_predict_epoch_end(trainer, model)
+    assert "need a classifier" not in caplog.text and "predictions of 5 inputs written to" in caplog.text
+    expected = [
+        (0, "img3.png", "a", [["c", 0.876543], ["a", 0.123457]]),
+        (1, "img1.png", "c", [["b", 0.5], ["a", 0.25]]),
+        (2, "img4.png", "b", [["d", 0.666667], ["c", 0.333333]]),
+        (3, "img0.png", None, [["a", 0.999999], ["b", 1e-06]]),
+        (4, "img2.png", "a", [["a", 0.4], ["d", 0.3]]),
+    ]
+    assert writer.written == [tmp_path / "predictions.csv", tmp_path / "predictions.jsonl"]
+    lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"index": i, "id": f, "target": t, "pred": k[0][0], "prob": k[0][1], "top_k": k} for i, f, t, k in expected
+    ]
+    with open(tmp_path / "predictions.csv", newline="") as text:
+        assert list(csv.reader(text)) == [
+            ["index", "id", "target", "pred", "prob", "top1_class", "top1_prob", "top2_class", "top2_prob"]
+        ] + [
+            [str(i), f, t or "", k[0][0], str(k[0][1]), *(str(v) for pair in k for v in pair)]
+            for i, f, t, k in expected
+        ]
+    default = PredictionWriter()  # CSV only, the top 3
+    (tmp_path / "default").mkdir()
+    trainer.log_dir = str(tmp_path / "default")
+    default.on_predict_epoch_start(trainer, model)
+    default.write_on_batch_end(trainer, model, {"probs": probs}, None, torch.zeros(5, 3), 0, 0)  # images, no labels
+    default.on_predict_epoch_end(trainer, model)
+    assert default.written == [tmp_path / "default" / "predictions.csv"]
+    rows = read_csv(default.written[0])
+    assert [r["target"] for r in rows] == [""] * 5 and "top4_class" not in rows[-1]
+    assert [rows[-1][f"top{j}_class"] for j in (1, 2, 3)] == ["a", "d", "c"]  # 0.4, 0.1, 0.2, 0.3
+
+    # two DDP ranks (the gather stood in for): rank 1 sent inputs 5 and 6, and input 0 again (a padding repeat)
+    def gather(out: list, rows: list) -> None:
+        out[:] = [rows, [{**r, "index": i, "id": f"other{i}"} for r, i in zip(rows, (5, 6, 0), strict=False)]]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    trainer.world_size = 2
+    default.write_on_batch_end(trainer, model, {"probs": probs}, [0, 1, 2, 3, 4], torch.zeros(5, 3), 0, 0)
+    default.on_predict_epoch_end(trainer, model)
+    assert [r["id"] for r in read_csv(default.written[0])] == [
+        "img3.png",
+        "img1.png",
+        "img4.png",
+        "img0.png",
+        "img2.png",
+        "other5",
+        "other6",
+    ]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # no logger (no log_dir) and no output_dir: the current folder
+    trainer.world_size, trainer.log_dir = 1, None
+    default.on_predict_epoch_start(trainer, model)
+    default.write_on_batch_end(trainer, model, {"probs": probs}, None, torch.zeros(5, 3), 0, 0)
+    default.on_predict_epoch_end(trainer, model)
+    assert [p.name for p in (tmp_path / "cwd").iterdir()] == ["predictions.csv"]
+    trainer.world_size = 2  # DDP: without the sampler's indices the rows of the ranks cannot be merged
+    with pytest.raises(UserError, match="predict under DDP needs a DataLoader with a sampler Lightning can track"):
+        writer.write_on_batch_end(trainer, model, probs, None, (None, torch.zeros(5, dtype=torch.long)), 0, 0)
+    not_a_classifier = SimpleNamespace()  # no class_names: nothing written, and it says so
+    (tmp_path / "other").mkdir()
+    trainer.world_size, trainer.log_dir = 1, str(tmp_path / "other")
+    writer.on_predict_epoch_start(trainer, not_a_classifier)
+    writer.write_on_batch_end(trainer, not_a_classifier, probs, None, (None, torch.zeros(5, dtype=torch.long)), 0, 0)
+    writer.on_predict_epoch_end(trainer, not_a_classifier)
+    assert "SimpleNamespace is not one, so none are written" in caplog.text and not list((tmp_path / "other").iterdir())
