@@ -140,7 +140,8 @@ class ImageClassifier(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         # The epoch means, logged however few the steps; Lightning computes and resets the metric objects. Logged
-        # here, not per step: handing Lightning the metric objects every step cost ~5% of a small net's step time.
+        # here, not per step: handing them to Lightning every step cost bench/overhead.py's CLI side about 0.1 of
+        # the plain loop's steps per CPU second (0.945 -> 1.045).
         self.log_dict({**self.train_metrics, "train/loss": self.train_loss})
 
     def on_train_start(self) -> None:
