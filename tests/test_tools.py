@@ -264,6 +264,8 @@ def test_a_student_learns_from_the_teacher_alone_and_its_checkpoint_stands_alone
     assert not any(p.requires_grad for p in student.teacher.parameters()) and not student.teacher.training
     assert {n for n, _ in student.named_parameters()} == {f"net.{n}" for n, _ in student.net.named_parameters()}
     cli.trainer.fit(student, datamodule=cli.datamodule)
+    logged = cli.trainer.callback_metrics  # its own per-step train/loss, not an empty epoch mean over it
+    assert 0 < float(logged["train/acc"]) <= 1 and torch.isfinite(logged["train/loss"]) and "train/soft_loss" in logged
     cli.trainer.test(student, datamodule=cli.datamodule, ckpt_path="best")
     assert float(cli.trainer.callback_metrics["test/acc"]) > 0.6  # chance is 0.1; no labels were used
     assert not student.teacher.training
