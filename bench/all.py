@@ -27,6 +27,7 @@ SECTIONS = [
     ("time_to_accuracy", "Time to accuracy", "render", "summary"),
     ("overhead", "Overhead", "render", "summary"),
     ("overhead", "Memory", "render_memory", "summary_memory"),
+    ("levers", "Levers", "render", "summary"),
     ("startup", "Start-up", "render", "summary"),
     ("data_path", "Data path", "render", "summary"),
     ("distill", "Distillation", "render", "summary"),

@@ -215,6 +215,43 @@ def test_images(n: int) -> list[bytes]:
     return bodies
 
 
+def ceiling(ckpt: Path, bodies: list[bytes], repeats: int = 200) -> dict[str, float]:
+    """What batching can save at most, in this process on one thread (each server's model runs on one): seconds per
+    image of the work both servers do per request (base64 and PNG decoding) and of the forward pass at batch 1 and at
+    batch 32. HTTP, JSON and the hop between processes come on top of both and are left out, so the ratio
+    ``(decode + forward_1) / (decode + forward_32 / 32)`` bounds any batching server's gain over the plain one."""
+    import torch
+
+    from extras import load_trained
+    from project.data.images import read_image
+
+    torch.set_num_threads(1)
+    model = load_trained(str(ckpt), "bench")
+    c, h, w = model.hparams["image_shape"]
+    texts = [json.loads(body)["image"] for body in bodies]
+
+    def decode(text: str) -> torch.Tensor:
+        return read_image(io.BytesIO(base64.b64decode(text)), "L" if c == 1 else "RGB", (h, w))
+
+    def per_image(work: Any, images: int) -> float:
+        work()  # warm-up
+        began = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        return (time.perf_counter() - began) / repeats / images
+
+    one, batch = decode(texts[0])[None], torch.stack([decode(t) for t in texts[:32]])
+    with torch.inference_mode():
+        figures = {
+            "decode": per_image(lambda: [decode(t) for t in texts[:32]], 32),
+            "forward_1": per_image(lambda: model(one).float().softmax(-1), 1),
+            "forward_32": per_image(lambda: model(batch).float().softmax(-1), 32),
+        }
+    figures["bound"] = (figures["decode"] + figures["forward_1"]) / (figures["decode"] + figures["forward_32"])
+    print(f"  ceiling: {figures}", file=sys.stderr, flush=True)
+    return figures
+
+
 def train(folder: Path) -> Path:
     """The main job's model, trained briefly: serving speed depends on the net, not on how well it learned."""
     extra = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=50", "--test_after_fit=false"]
@@ -242,9 +279,10 @@ def main() -> None:
         difference = same_answers(ckpt, bodies, folder)
         sides = (lambda s=s: measure(s, ckpt, bodies, args.seconds, folder) for s in SIDES)
         runs = interleave(args.runs, *sides, names=SIDES)
+        bound = ceiling(ckpt, bodies)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    data = {"same_answers_max_difference": difference, "runs": dict(zip(SIDES, runs, strict=True))}
+    data = {"same_answers_max_difference": difference, "runs": dict(zip(SIDES, runs, strict=True)), "ceiling": bound}
     data["figures"] = {
         side: {
             str(c): {
@@ -281,6 +319,21 @@ def summary(r: dict) -> tuple[str, str, str]:
     )
 
 
+def limit(r: dict) -> str:
+    """What batching can gain at most with this model on this CPU (``ceiling``); older results have no figure."""
+    if "ceiling" not in r:
+        return ""
+    b = r["ceiling"]
+    us = {k: v * 1e6 for k, v in b.items() if k != "bound"}
+    return f"""
+What batching can gain at most here (same model, one thread, no HTTP; `ceiling` in `bench/serve.py`): per image,
+decoding the request's PNG takes {us["decode"]:.0f} µs and the forward pass {us["forward_1"]:.0f} µs alone or
+{us["forward_32"]:.0f} µs in a batch of 32. Batching shares only the forward pass, so a batching server answers at
+most {b["bound"]:.2f}x the images per CPU second of a one-request-one-forward server, before the HTTP and
+process-hop costs both pay: the {GOAL_SPEEDUP:g}x goal needs a model whose forward pass dominates and gains from
+batching (a GPU), not this CPU."""
+
+
 def render(r: dict) -> str:
     f = r["figures"]
     ms = lambda s: {k: [x * 1000 for x in v] if k == "runs" else v * 1000 for k, v in s.items()}  # noqa: E731
@@ -310,7 +363,7 @@ Fashion-MNIST test images one request after another for {r["args"]["seconds"]:g}
 
 Goals: at least {GOAL_SPEEDUP:g}x the plain server's images/s at 32 clients: {judged(speedup)}; p99 latency at most
 {GOAL_P99 * 1000:g} ms at 8 clients: {judged(p99, MIXED)}. The load client runs on the same cores as the servers.
-
+{limit(r)}
 {footer(r)}
 """
 

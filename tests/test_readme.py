@@ -1,8 +1,8 @@
 """The README's promises, run as a user runs them: every `python -m project|extras...` command in README.md, in the
 order written, in one fresh folder holding small format-exact data where the README says data goes, the files the README
 shows (`# my_nets.py`, `# tiny.yaml`, ...) written from its own code blocks. Each command runs through `runpy`
-exactly as `python -m` runs it, all in one separate process (a process each would cost 7 s of imports), with epoch
-and batch limits appended. The main job also runs as a process of its own: its console must be clean."""
+exactly as `python -m` runs it, all in one separate process (a process each would cost 7 s of imports), with epoch,
+batch and batch-size limits appended. The main job also runs as a process of its own: its console must be clean."""
 
 import json
 import os
@@ -27,6 +27,7 @@ LIMITS = [
     "--trainer.limit_test_batches=2",
     "--trainer.limit_predict_batches=2",
 ]
+SMALL_BATCHES = ["--data.batch_size=8", "--data.eval_batch_size=8"]  # ResNet-18 at 224x224: 2 batches of 8 suffice
 
 
 def commands() -> list[str]:
@@ -47,7 +48,7 @@ def as_run(command: str) -> tuple[str, list[str], str | None]:
     words = words[: words.index(">")] if output else words
     module, args = words[2], words[3:]
     if module == "project" and args[0] in ("fit", "validate", "test", "predict"):
-        args += [*QUIET, *LIMITS, "--data.num_workers=0"]
+        args += [*QUIET, *LIMITS, *SMALL_BATCHES, "--data.num_workers=0"]
         args += ["--trainer.max_epochs=1"] if args[0] == "fit" else []
         args += ["--data.val_split=0.2"] if any("cifar" in a for a in args) else []
     if module == "extras.sweep":  # two trials, each with the limits above
