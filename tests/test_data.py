@@ -22,7 +22,7 @@ from project.data import (
     folder,
     vision,
 )
-from project.data.base import stratified_split
+from project.data.base import ImageDataModule, stratified_split
 from project.data.batches import BatchAugment, InMemory, TensorLoader, decode
 from project.data.images import read_image
 from project.errors import UserError
@@ -190,6 +190,47 @@ def test_test_split_is_the_test_file(mnist_root):
     raw = torch.from_numpy(raw.reshape(-1, 1, 28, 28).copy())
     x, _ = collect(dm.test_dataloader())
     assert torch.equal(x, raw[dm.splits["test"].indices]) and sorted(dm.splits["test"].indices) == list(range(200))
+
+
+class Pixels(torch.utils.data.Dataset):
+    """A data set of ``n`` random 1x4x4 uint8 images with ``.targets`` (classes 0 and 1 in turn)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.images = torch.randint(
+            0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+        )
+        self.targets = [i % 2 for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], self.targets[i]
+
+
+class OwnData(ImageDataModule):
+    """A user's data module whose ``make_datasets`` returns the data sets themselves, not functions reading them."""
+
+    class_names, image_shape = ("even", "odd"), (1, 4, 4)
+
+    def make_datasets(self) -> dict[str, torch.utils.data.Dataset]:
+        return {"train": Pixels(20, seed=0), "test": Pixels(6, seed=1)}
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "tensor"])
+def test_a_data_module_may_return_its_data_sets_themselves(loader):
+    dm = OwnData(val_split=4, batch_size=8, loader=loader)
+    dm.setup("fit")
+    dm.setup("test")
+    (train_x, train_y), (val_x, _), (test_x, test_y) = (
+        collect(dm.train_dataloader()),
+        collect(dm.val_dataloader()),
+        collect(dm.test_dataloader()),
+    )
+    assert (len(train_x), len(val_x), len(test_x)) == (16, 4, 6) and train_x.dtype == torch.uint8
+    given = Pixels(6, seed=1)
+    assert sorted(map(bytes, test_x.numpy())) == sorted(bytes(given[i][0].numpy()) for i in range(6))
+    assert sorted(test_y.tolist()) == [0, 0, 0, 1, 1, 1] and sorted(train_y.tolist()).count(0) == 8
 
 
 def test_cifar_reads_python_pickles_and_checks_md5(cifar_root, tmp_path):
