@@ -272,21 +272,24 @@ def test_train_loss_is_logged_every_epoch_however_few_the_steps_and_epochs_count
 def test_cpu_recipes_take_bf16_where_the_cpu_has_it_and_an_explicit_precision_wins(
     flags, expected, mnist_root, monkeypatch, caplog, tmp_path
 ):
-    """The Fashion-MNIST recipes compute in bf16 on a CPU with native bf16 only, say so at start, and yield to
-    --trainer.precision; the flags come from /proc/cpuinfo's `flags` line."""
+    """The fast recipe computes in bf16 on a CPU with native bf16 only, says so at start, and yields to
+    --trainer.precision; the flags come from /proc/cpuinfo's `flags` line. The main job stays fp32 everywhere."""
     from project import precision
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {' '.join(flags)}\n")
     assert precision.native_bf16_flags(cpuinfo) == flags
     monkeypatch.setattr(precision, "native_bf16_flags", lambda: flags)
-    for config in ("fashion_mnist.yaml", "experiment/fashion_mnist_fast.yaml"):
-        plugin = fit(config, mnist_root, run=False).trainer.precision_plugin
-        with caplog.at_level("INFO"):
-            plugin.convert_module(torch.nn.Linear(2, 2))
-        with plugin.forward_context():
-            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected
-        assert f"Precision: {'bf16-mixed' if flags else '32-true'} (" in caplog.text
-    explicit = fit("fashion_mnist.yaml", mnist_root, "--trainer.precision=32-true", run=False).trainer.precision_plugin
+    plugin = fit("experiment/fashion_mnist_fast.yaml", mnist_root, run=False).trainer.precision_plugin
+    with caplog.at_level("INFO"):
+        plugin.convert_module(torch.nn.Linear(2, 2))
+    with plugin.forward_context():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected
+    assert f"Precision: {'bf16-mixed' if flags else '32-true'} (" in caplog.text
+    main_job = fit("fashion_mnist.yaml", mnist_root, run=False).trainer.precision_plugin
+    with main_job.forward_context():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    explicit = fit("experiment/fashion_mnist_fast.yaml", mnist_root, "--trainer.precision=32-true", run=False)
+    explicit = explicit.trainer.precision_plugin
     with explicit.forward_context():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
