@@ -106,7 +106,6 @@ class Variant:
 def endless_batches() -> Any:
     """The tensor path's training batches, normalized and channels_last, as the net gets them inside ``fit``."""
     import torch
-
     from overhead import training_batches
 
     _, _, data = recipe()
@@ -128,7 +127,8 @@ def main() -> None:
     for i in range(args.rounds):
         for name, variant in built.items():
             times[name].append(variant.time(args.steps, args.warmup) * 1000)
-        print(f"  round {i + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.1f} ms" for n, t in times.items()), flush=True)
+        done = ", ".join(f"{n} {t[-1]:.1f} ms" for n, t in times.items())
+        print(f"  round {i + 1}/{args.rounds}: {done}", flush=True)
     data = {
         "native_bf16": native_bf16(),
         "ms_per_step": {name: spread(t) for name, t in times.items()},
