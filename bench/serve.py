@@ -331,7 +331,8 @@ decoding the request's PNG takes {us["decode"]:.0f} µs and the forward pass {us
 {us["forward_32"]:.0f} µs in a batch of 32. Batching shares only the forward pass, so a batching server answers at
 most {b["bound"]:.2f}x the images per CPU second of a one-request-one-forward server, before the HTTP and
 process-hop costs both pay: the {GOAL_SPEEDUP:g}x goal needs a model whose forward pass dominates and gains from
-batching (a GPU), not this CPU."""
+batching (a GPU), not this CPU.
+"""
 
 
 def render(r: dict) -> str:
