@@ -25,6 +25,7 @@ from common import (
     save,
     spread,
 )
+from overhead import parameter_groups, training_batches
 
 NAME, TITLE = "levers", "Levers"
 CONFIG = "configs/fashion_mnist.yaml"
@@ -71,9 +72,7 @@ class Variant:
         torch.manual_seed(0)
         self.torch, self.batches = torch, batches
         net = SmallCNN(num_classes=10, input_shape=(1, 28, 28), **net_args).to(memory_format=torch.channels_last)
-        decay = [p for p in net.parameters() if p.ndim > 1]  # as ImageClassifier.parameter_groups
-        groups = [{"params": decay}, {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, **opt_args)
+        self.optimizer = torch.optim.AdamW(parameter_groups(net), **opt_args)
         self.net = torch.compile(net) if change.get("compile") else net
         self.threads = change.get("threads", torch.get_num_threads())
         bf16 = change.get("bf16", False)
@@ -106,7 +105,6 @@ class Variant:
 def endless_batches() -> Any:
     """The tensor path's training batches, normalized and channels_last, as the net gets them inside ``fit``."""
     import torch
-    from overhead import training_batches
 
     _, _, data = recipe()
     for x, y in training_batches({**data, "data_dir": DATA}):

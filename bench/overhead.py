@@ -66,6 +66,15 @@ def training_batches(data_args: dict):
             yield x, y
 
 
+def parameter_groups(net) -> list[dict]:
+    """As ImageClassifier.parameter_groups: no weight decay on biases and norm weights."""
+    params = list(net.parameters())
+    return [
+        {"params": [p for p in params if p.ndim > 1]},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
 def plain(steps: int, warmup: int) -> None:
     import torch
     import yaml
@@ -77,10 +86,7 @@ def plain(steps: int, warmup: int) -> None:
     torch.manual_seed(config["seed_everything"])
     batches = training_batches({**data, "data_dir": ROOT / data["data_dir"]})
     net = SmallCNN(**model["net"]["init_args"]).to(memory_format=torch.channels_last)
-    # as ImageClassifier.parameter_groups: no weight decay on biases and norm weights
-    decay = [p for p in net.parameters() if p.ndim > 1]
-    groups = [{"params": decay}, {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, **model["optimizer"]["init_args"])
+    optimizer = torch.optim.AdamW(parameter_groups(net), **model["optimizer"]["init_args"])
     loss_fn = torch.nn.CrossEntropyLoss()
     net.train()
     start = cpu_start = 0.0

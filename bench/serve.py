@@ -50,6 +50,14 @@ SIDES = ("litserve", "plain")
 MIXED = "some runs are below the goal, some above"
 
 
+def read_request(text: str, image_shape: list[int]) -> Any:
+    """The pixels of a request's base64 image file, read as the model was trained (both servers' shared work)."""
+    from project.data.images import read_image
+
+    c, h, w = image_shape
+    return read_image(io.BytesIO(base64.b64decode(text)), "L" if c == 1 else "RGB", (h, w))
+
+
 def plain_app() -> Any:
     """The baseline (uvicorn's app factory; the checkpoint from ``$BENCH_CKPT``): one forward pass per request."""
     import torch
@@ -57,11 +65,10 @@ def plain_app() -> Any:
     from pydantic import BaseModel
 
     from extras import load_trained
-    from project.data.images import read_image
 
     torch.set_num_threads(1)
     model = load_trained(os.environ["BENCH_CKPT"], "bench")
-    names, (c, h, w) = model.class_names, model.hparams["image_shape"]
+    names = model.class_names
     app = FastAPI()
 
     class Image(BaseModel):
@@ -69,7 +76,7 @@ def plain_app() -> Any:
 
     @app.post("/predict")
     def predict(request: Image) -> dict[str, Any]:
-        pixels = read_image(io.BytesIO(base64.b64decode(request.image)), "L" if c == 1 else "RGB", (h, w))
+        pixels = read_request(request.image, model.hparams["image_shape"])
         with torch.inference_mode():
             top_p, top_i = model(pixels[None]).float().softmax(-1)[0].topk(min(5, len(names)))
         top = [[names[i], round(p, 6)] for p, i in zip(top_p.tolist(), top_i.tolist(), strict=True)]
@@ -223,15 +230,13 @@ def ceiling(ckpt: Path, bodies: list[bytes], repeats: int = 200) -> dict[str, fl
     import torch
 
     from extras import load_trained
-    from project.data.images import read_image
 
     torch.set_num_threads(1)
     model = load_trained(str(ckpt), "bench")
-    c, h, w = model.hparams["image_shape"]
     texts = [json.loads(body)["image"] for body in bodies]
 
     def decode(text: str) -> torch.Tensor:
-        return read_image(io.BytesIO(base64.b64decode(text)), "L" if c == 1 else "RGB", (h, w))
+        return read_request(text, model.hparams["image_shape"])
 
     def per_image(work: Any, images: int) -> float:
         work()  # warm-up

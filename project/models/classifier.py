@@ -140,8 +140,8 @@ class ImageClassifier(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         # The epoch means, logged however few the steps; Lightning computes and resets the metric objects. Logged
-        # here, not per step: handing them to Lightning every step cost bench/overhead.py's CLI side about 0.1 of
-        # the plain loop's steps per CPU second (0.945 -> 1.045).
+        # here, not per step: handed over every step, Lightning moved each metric object every step
+        # (`_ResultMetric.to` in a cProfile of bench/overhead.yaml's run).
         logged = {**self.train_metrics, "train/loss": self.train_loss}
         # only what the epoch's steps updated: none after an empty epoch, no train/loss under a subclass's own step
         self.log_dict({name: metric for name, metric in logged.items() if metric.update_called})
