@@ -1,15 +1,17 @@
 """A new task as a user adds one: the README's own LightningModule (a denoising autoencoder, no classes) in a file of
-theirs, run as processes through the CLI and the shipped data config: fit, test from the saved config, resume;
-the data's facts reach only the arguments it takes; what needs classes says so in one line."""
+theirs, run through the CLI and the shipped data config: fit, test from the saved config, resume; the data's facts
+reach only the arguments it takes; what needs classes says so in one line. In-process: tests/test_readme.py runs the
+same README commands as `python -m project` does."""
 
 import hashlib
 import re
-from pathlib import Path
+import sys
 
 import torch
 from lightning import LightningModule
 
-from tests.conftest import CONFIGS, CSV, QUIET, ROOT, fails, read_metrics, run_module
+from project.cli import cli_main
+from tests.conftest import CONFIGS, CSV, QUIET, ROOT, fails, read_metrics
 
 LIMITS = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2"]
 
@@ -18,21 +20,19 @@ def readme_file(name: str) -> str:
     return re.search(rf"```python\n# {re.escape(name)}\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
 
 
-def project(tmp_path: Path, *args: str):
-    done = run_module("project", *args, *QUIET, *LIMITS, cwd=tmp_path, PYTHONPATH=f"{ROOT}:{tmp_path}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def test_a_users_own_lightning_module_fits_tests_and_resumes(tmp_path, mnist_root):
+def test_a_users_own_lightning_module_fits_tests_and_resumes(tmp_path, mnist_root, monkeypatch, caplog):
     (tmp_path / "my_task.py").write_text(readme_file("my_task.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))  # where the user put it, as PYTHONPATH would
+    monkeypatch.delitem(sys.modules, "my_task", raising=False)
     data = f"--data.init_args.data_dir={mnist_root}"
+
+    def project(*args: str):
+        return cli_main([*args, *QUIET, *LIMITS, data])
+
     project(
-        tmp_path,
         "fit",
         f"--config={CONFIGS / 'fashion_mnist.yaml'}",
         CSV,
-        data,
         "--model=my_task.Denoiser",
         "--checkpoint.monitor=val/loss",
         "--checkpoint.mode=min",
@@ -56,13 +56,15 @@ def test_a_users_own_lightning_module_fits_tests_and_resumes(tmp_path, mnist_roo
     assert f"untracked files imported: {(tmp_path / 'my_task.py').resolve()} (sha256 {digest})" in header
     metrics = read_metrics(run)
     assert metrics["val/loss"][1] < metrics["val/loss"][0] and len(metrics["test/loss"]) == 1  # test_after_fit
-    tested = project(tmp_path, "test", f"--config={run / 'config.yaml'}", "--ckpt_path=last", data)
-    assert "test/loss" in tested.stdout and len(read_metrics(tmp_path / "runs/fashion_mnist/version_1")["test/loss"])
-    project(tmp_path, "fit", f"--config={run / 'config.yaml'}", "--ckpt_path=last", "--trainer.max_epochs=3", data)
+    tested = project("test", f"--config={run / 'config.yaml'}", "--ckpt_path=last")
+    assert tested.trainer.callback_metrics["test/loss"] > 0
+    assert len(read_metrics(tmp_path / "runs/fashion_mnist/version_1")["test/loss"]) == 1
+    project("fit", f"--config={run / 'config.yaml'}", "--ckpt_path=last", "--trainer.max_epochs=3")
     resumed = torch.load(tmp_path / "runs/fashion_mnist/version_2/checkpoints/last.ckpt", weights_only=True)
     assert resumed["global_step"] == 9 and resumed["epoch"] == 2, "resumed at step 6, not from scratch"
-    predicted = project(tmp_path, "predict", f"--config={run / 'config.yaml'}", "--ckpt_path=last", data)
-    assert "prediction files need a classifier" in predicted.stderr + predicted.stdout
+    with caplog.at_level("INFO"):
+        project("predict", f"--config={run / 'config.yaml'}", "--ckpt_path=last")
+    assert "prediction files need a classifier" in caplog.text
     assert not list(tmp_path.rglob("predictions.*"))
 
 
