@@ -90,8 +90,10 @@ def code_state() -> dict[str, Any]:
     process imported that git does not track (your ``my_nets.py``), with their SHA-256: what re-running needs."""
     commit = git("rev-parse", "HEAD")
     tracked = {str(PROJECT_ROOT / f) for f in (git("ls-files") or "").splitlines()}
-    installed = tuple(os.path.realpath(p) for p in {sys.prefix, sys.base_prefix, *site.getsitepackages()})
-    imported = {os.path.realpath(getattr(m, "__file__", None) or "-") for m in list(sys.modules.values())}
+    installed = {sys.prefix, sys.base_prefix, *site.getsitepackages()}
+    installed = tuple(installed | {os.path.realpath(p) for p in installed})
+    files = {getattr(m, "__file__", None) or "-" for m in list(sys.modules.values())}  # realpath: only those left
+    imported = {os.path.realpath(f) for f in files if f.endswith(".py") and not f.startswith(installed)}
     untracked = {
         f: hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16]
         for f in sorted(imported)
