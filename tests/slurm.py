@@ -16,12 +16,14 @@ SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 PROGRAMS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol", "scancel", "squeue", "sinfo")
 # KillWait: seconds from SIGTERM to SIGKILL (default 30). MinJobAge: seconds a finished job stays visible (default
 # 300); `sbatch --wait` polls every 2 s only below 6. config_overrides: 2 CPUs (2 tasks) even on a 1-CPU machine.
+# batch_sched_delay: a batch job (sbatch, or requeued) starts at once instead of up to 3 s later.
 SETTINGS = """ClusterName=pytest SlurmctldHost=localhost SlurmctldPort={port1} SlurmdPort={port2} SlurmUser=root
 AuthType=auth/munge CredType=cred/munge AuthInfo=socket={root}/munge.socket
 StateSaveLocation={root}/state SlurmdSpoolDir={root}/spool SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.pid SlurmctldLogFile={root}/slurmctld.log SlurmdLogFile={root}/slurmd.log
 ProctrackType=proctrack/linuxproc TaskPlugin=task/none SelectType=select/cons_tres SelectTypeParameters=CR_CPU
-MailProg=/bin/true ReturnToService=2 JobRequeue=1 KillWait=1 MinJobAge=4 SlurmdParameters=config_overrides"""
+MailProg=/bin/true ReturnToService=2 JobRequeue=1 KillWait=1 MinJobAge=4 SlurmdParameters=config_overrides
+SchedulerParameters=batch_sched_delay=0"""
 NODE = """NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """

@@ -136,12 +136,12 @@ def finish(*processes: subprocess.Popen, code: int = 0) -> list[str]:
     return [output(p) for p in processes]
 
 
-def wait(process: subprocess.Popen, ready, what: str):
-    """``ready()``'s first true value, while ``process`` runs."""
+def wait(process: subprocess.Popen, ready, what: str, every: float = 0.1):
+    """``ready()``'s first true value, asked every ``every`` seconds while ``process`` runs."""
     deadline = time.monotonic() + TIMEOUT_S
     while not (found := ready()):
         assert process.poll() is None and time.monotonic() < deadline, f"{what}: {process.poll()}\n{output(process)}"
-        time.sleep(0.1)
+        time.sleep(every)
     return found
 
 
@@ -330,10 +330,13 @@ def test_sbatch_job_requeued_on_sigusr1_resumes_as_one_run(odd_mnist, slurm_clus
         cluster.run("scontrol", "update", f"JobId={job}", f"Requeue={requeue}")
         cluster.run("scancel", "--signal=USR1", job)  # what `#SBATCH --signal=USR1@180` sends
     # SLURM holds a requeued job back for about 2 minutes (its EligibleTime): start it at once
-    wait(sbatch, lambda: cluster.job(job)["Restarts"] == "1" and cluster.job(job)["JobState"] == "PENDING", "requeue")
+    wait(sbatch, lambda: (s := cluster.job(job))["Restarts"] == "1" and s["JobState"] == "PENDING", "requeue")
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-    state = wait(
-        sbatch, lambda: (s := cluster.job(job))["JobState"] not in ("PENDING", "RUNNING", "COMPLETING") and s, "end"
+    state = wait(  # every 0.5 s, not 0.1 (each scontrol costs CPU): a finished job stays visible for MinJobAge (4 s)
+        sbatch,
+        lambda: (s := cluster.job(job))["JobState"] not in ("PENDING", "RUNNING", "COMPLETING") and s,
+        "end",
+        every=0.5,
     )
     (out,) = finish(sbatch)
     log = (tmp_path / f"slurm-{job}.out").read_text()
