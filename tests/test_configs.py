@@ -247,10 +247,10 @@ def test_config_prints_round_trips_and_runs(name, request, tmp_path):
     if name == "distill":
         args.append(f"--model.init_args.teacher_ckpt={request.getfixturevalue('teacher')}")
     printed = cli_main(args, run=False)
-    (tmp_path / "printed.yaml").write_text(printed.parser.dump(printed.config, skip_none=False))
+    (tmp_path / "printed.yaml").write_text(printed.parser.dump(printed.config, skip_unset=False))
     assert "Unable to serialize" not in (tmp_path / "printed.yaml").read_text()
     cli = cli_main(["--config=printed.yaml"], run=False)  # valid input again: the same config, and it trains
-    assert without_files(cli.parser.dump(cli.config, skip_none=False)) == without_files(
+    assert without_files(cli.parser.dump(cli.config, skip_unset=False)) == without_files(
         (tmp_path / "printed.yaml").read_text()
     )
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]

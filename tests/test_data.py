@@ -1,5 +1,6 @@
 """Data modules on format-exact files: splits, both loaders, batch augmentation, your own image folders."""
 
+import functools
 import logging
 import math
 import os
@@ -41,6 +42,13 @@ from tests.formats import (
 def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = zip(*loader, strict=True)
     return torch.cat(xs), torch.cat(ys)
+
+
+def ready(dm, *stages: str):
+    """``dm`` after ``prepare_data`` (the stage "prepare") and ``setup`` of each other stage, in order."""
+    for stage in stages:
+        dm.prepare_data() if stage == "prepare" else dm.setup(stage)
+    return dm
 
 
 def modules(mnist_root, cifar_root, image_root, **kwargs) -> dict[str, object]:
@@ -86,15 +94,11 @@ def test_every_data_module_serves_uint8_batches_the_same_on_both_loaders(mnist_r
     for name, dm in per_sample.items():
         other = in_memory[name]
         for stage, split in (("fit", "val"), ("test", "test")):
-            dm.setup(stage)
-            other.setup(stage)
-            loaders = [getattr(module, f"{split}_dataloader")() for module in (dm, other)]
+            loaders = [getattr(ready(module, stage), f"{split}_dataloader")() for module in (dm, other)]
             assert [loader.batch_size for loader in loaders] == [32, 32], name
             (x, y), (x2, y2) = collect(loaders[0]), collect(loaders[1])
-            assert (
-                isinstance(other.splits[split], InMemory)
-                and other.splits[split].source.indices == dm.splits[split].indices
-            )
+            held = other.splits[split]
+            assert isinstance(held, InMemory) and held.source.indices == dm.splits[split].indices
             assert x.dtype == torch.uint8 and x.shape[1:] == dm.image_shape, name
             assert torch.equal(x, x2) and torch.equal(y, y2), (name, split)
             source = truth[name]["test" if split == "test" else "train"]
@@ -111,18 +115,14 @@ def test_every_data_module_serves_uint8_batches_the_same_on_both_loaders(mnist_r
 
 
 def test_split_is_stratified_seeded_disjoint_and_from_train_only(mnist_root):
-    a, b, c = (FashionMNISTDataModule(data_dir=mnist_root, val_split=0.25, seed=s) for s in (1, 1, 2))
-    for dm in (a, b, c):
-        dm.setup("fit")
+    a, b, c = (ready(FashionMNISTDataModule(data_dir=mnist_root, val_split=0.25, seed=s), "fit") for s in (1, 1, 2))
     train, val = a.splits["train"].indices, a.splits["val"].indices
-    assert (
-        len(val) == 150 and len(train) == 450 and set(train) | set(val) == set(range(600)) and not set(train) & set(val)
-    )
+    assert len(val) == 150 and len(train) == 450
+    assert set(train) | set(val) == set(range(600)) and not set(train) & set(val)
     labels = torch.as_tensor(a.splits["train"].dataset.targets)
     assert torch.bincount(labels[val]).tolist() == [15] * 10  # every class in proportion
     assert val == b.splits["val"].indices and val != c.splits["val"].indices
-    odd = MNISTDataModule(data_dir=mnist_root, val_split=61)  # an exact odd count: 6 of each class, one class 7
-    odd.setup("fit")
+    odd = ready(MNISTDataModule(data_dir=mnist_root, val_split=61), "fit")  # exact: 6 of each class, one class 7
     val = odd.splits["val"].indices
     assert len(val) == 61 and len(odd.splits["train"]) == 539 and not set(val) & set(odd.splits["train"].indices)
     assert sorted(torch.bincount(torch.as_tensor(odd.splits["val"].dataset.targets)[val]).tolist()) == [6] * 9 + [7]
@@ -134,21 +134,16 @@ def test_split_is_stratified_seeded_disjoint_and_from_train_only(mnist_root):
 
 def test_defaults_and_bounds_of_the_shared_arguments(mnist_root, tmp_path):
     shutil.copytree(mnist_root / "MNIST", tmp_path / "data" / "MNIST")  # data/ in the working folder: the default
-    dm = MNISTDataModule(batch_size=1, eval_batch_size=1)
-    dm.setup("predict")
+    dm = ready(MNISTDataModule(batch_size=1, eval_batch_size=1), "predict")
     assert len(next(iter(dm.predict_dataloader()))[1]) == 1 and set(dm.splits) == {"test"}  # predict: the test split
     for wrong in (-1, 1.0):
         with pytest.raises(UserError, match=r"--data.val_split must be a count >= 0 or a fraction in \[0, 1\)"):
             MNISTDataModule(val_split=wrong)
-    workers = MNISTDataModule(num_workers=2)
-    workers.setup("test")
-    assert workers.test_dataloader().num_workers == 2
+    assert ready(MNISTDataModule(num_workers=2), "test").test_dataloader().num_workers == 2
     orders = []  # the in-memory loader's order follows the run's seed
     for seed in (5, 5, 6):
         torch.manual_seed(seed)
-        tensor = MNISTDataModule(loader="tensor")
-        tensor.setup("fit")
-        orders.append(collect(tensor.train_dataloader())[1])
+        orders.append(collect(ready(MNISTDataModule(loader="tensor"), "fit").train_dataloader())[1])
     assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])
 
     class TestOnly(MNISTDataModule):
@@ -172,9 +167,7 @@ class DownloadsMNIST(MNISTDataModule):
 
 
 def test_a_download_is_moved_into_place_whole(tmp_path):
-    dm = DownloadsMNIST(data_dir=tmp_path / "new" / "data", val_split=10)  # its parents are made too
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = ready(DownloadsMNIST(data_dir=tmp_path / "new" / "data", val_split=10), "prepare", "fit")  # parents made too
     assert len(dm.splits["train"]) == 90 and os.listdir(tmp_path / "new" / "data") == ["MNIST"]
     (tmp_path / "old" / "MNIST" / "raw").mkdir(parents=True)  # a folder there already: merged into
     (tmp_path / "old" / "MNIST" / "raw" / "notes.txt").write_text("kept")
@@ -183,22 +176,12 @@ def test_a_download_is_moved_into_place_whole(tmp_path):
     assert sorted(os.listdir(tmp_path / "old" / "MNIST" / "raw")) == sorted([*vision.IDX_FILES, "notes.txt"])
 
 
-def test_test_split_is_the_test_file(mnist_root):
-    dm = MNISTDataModule(data_dir=mnist_root)
-    dm.setup("test")
-    raw = np.frombuffer((mnist_root / "MNIST/raw/t10k-images-idx3-ubyte").read_bytes()[16:], np.uint8)
-    raw = torch.from_numpy(raw.reshape(-1, 1, 28, 28).copy())
-    x, _ = collect(dm.test_dataloader())
-    assert torch.equal(x, raw[dm.splits["test"].indices]) and sorted(dm.splits["test"].indices) == list(range(200))
-
-
 class Pixels(torch.utils.data.Dataset):
     """A data set of ``n`` random 1x4x4 uint8 images with ``.targets`` (classes 0 and 1 in turn)."""
 
     def __init__(self, n: int, seed: int) -> None:
-        self.images = torch.randint(
-            0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
-        )
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=generator)
         self.targets = [i % 2 for i in range(n)]
 
     def __len__(self) -> int:
@@ -219,14 +202,9 @@ class OwnData(ImageDataModule):
 
 @pytest.mark.parametrize("loader", ["torchvision", "tensor"])
 def test_a_data_module_may_return_its_data_sets_themselves(loader):
-    dm = OwnData(val_split=4, batch_size=8, loader=loader)
-    dm.setup("fit")
-    dm.setup("test")
-    (train_x, train_y), (val_x, _), (test_x, test_y) = (
-        collect(dm.train_dataloader()),
-        collect(dm.val_dataloader()),
-        collect(dm.test_dataloader()),
-    )
+    dm = ready(OwnData(val_split=4, batch_size=8, loader=loader), "fit", "test")
+    loaders = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
+    (train_x, train_y), (val_x, _), (test_x, test_y) = map(collect, loaders)
     assert (len(train_x), len(val_x), len(test_x)) == (16, 4, 6) and train_x.dtype == torch.uint8
     given = Pixels(6, seed=1)
     assert sorted(map(bytes, test_x.numpy())) == sorted(bytes(given[i][0].numpy()) for i in range(6))
@@ -235,12 +213,9 @@ def test_a_data_module_may_return_its_data_sets_themselves(loader):
 
 def test_cifar_reads_python_pickles_and_checks_md5(cifar_root, tmp_path):
     root, files = cifar_root
-    dm = CIFAR10DataModule(data_dir=root, batch_size=16, val_split=0.2)
-    dm.prepare_data()
-    dm.setup("test")
+    dm = ready(CIFAR10DataModule(data_dir=root, batch_size=16, val_split=0.2), "prepare", "test")
     assert set(dm.splits) == {"test"}, "a test run reads no training data"
-    validating = CIFAR10DataModule(data_dir=root, val_split=0.2)
-    validating.setup("validate")
+    validating = ready(CIFAR10DataModule(data_dir=root, val_split=0.2), "validate")
     assert set(validating.splits) == {"train", "val"}, "validate reads no test data"
     index = dm.splits["test"].indices[0]
     x, y = next(iter(dm.test_dataloader()))
@@ -264,9 +239,7 @@ def test_fashion_mnist_unpacks_checked_gz_files_from_a_folder_debian_by_default(
     assert defaults.get_defaults().mnist.gz_dir is None
     gz = tmp_path / "debian"
     write_mnist_family(gz, compress=True, n_train=100)
-    dm = FashionMNISTDataModule(data_dir=tmp_path / "data", gz_dir=str(gz), val_split=10)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = ready(FashionMNISTDataModule(data_dir=tmp_path / "data", gz_dir=str(gz), val_split=10), "prepare", "fit")
     assert len(dm.splits["train"]) == 90
     assert sorted(p.name for p in (tmp_path / "data/FashionMNIST/raw").iterdir()) == sorted(vision.IDX_FILES)
     (gz / "t10k-labels-idx1-ubyte.gz").unlink()
@@ -293,18 +266,15 @@ def test_os_errors_while_preparing_data_name_the_path_and_the_flag(tmp_path, cap
     gz = tmp_path / "gz"
     write_mnist_family(gz, compress=True, n_train=100, n_test=20)
     fashion = [f"--config={CONFIGS / 'fashion_mnist.yaml'}", CSV, *QUIET]
-    line = fails(
-        ["fit", *fashion, "--data.init_args.data_dir=/proc/none/data", f"--data.init_args.gz_dir={gz}"], capsys
-    )
+    unpack = ["--data.init_args.data_dir=/proc/none/data", f"--data.init_args.gz_dir={gz}"]
+    line = fails(["fit", *fashion, *unpack], capsys)
     assert line == "error: cannot write /proc/none: No such file or directory; set --data.data_dir to a writable folder"
     monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     (tmp_path / "blocker").write_text("a file, not a folder")
     cifar = [f"--config={CONFIGS / 'cifar10.yaml'}", CSV, *QUIET]
-    line = fails(["fit", *cifar, f"--data.init_args.data_dir={tmp_path / 'blocker' / 'data'}"], capsys)
-    assert (
-        line
-        == f"error: cannot write {tmp_path}/blocker/data: Not a directory; set --data.data_dir to a writable folder"
-    )
+    blocked = tmp_path / "blocker" / "data"
+    line = fails(["fit", *cifar, f"--data.init_args.data_dir={blocked}"], capsys)
+    assert line == f"error: cannot write {blocked}: Not a directory; set --data.data_dir to a writable folder"
 
 
 @pytest.mark.parametrize("cls", [MNISTDataModule, CIFAR10DataModule])
@@ -325,8 +295,7 @@ def test_augmentations_take_effect_per_image():
     mirrored = torch.tensor([torch.equal(a, b.flip(-1)) for a, b in zip(flipped, original, strict=True)])
     same = torch.tensor([torch.equal(a, b) for a, b in zip(flipped, original, strict=True)])
     assert bool((mirrored ^ same).all()) and 0.4 < mirrored.float().mean() < 0.6
-    # the crop equals slicing each reflect-padded image at the offsets drawn, in the order drawn
-    # and with flip, the slice mirrored where the flip was drawn
+    # the crop: each reflect-padded image sliced at the offsets drawn, mirrored where a flip was drawn
     for flip in (False, True):
         torch.manual_seed(5)
         cropped = BatchAugment(crop_padding=3, flip=flip)(x[:32, :, :12, :10])
@@ -347,8 +316,7 @@ def test_augmentations_take_effect_per_image():
 
 
 def test_augmentation_runs_on_training_batches_only(mnist_root):
-    dm = MNISTDataModule(data_dir=mnist_root, augment="standard", loader="tensor")
-    dm.setup("fit")
+    dm = ready(MNISTDataModule(data_dir=mnist_root, augment="standard", loader="tensor"), "fit")
     batch = next(iter(dm.train_dataloader()))
     dm.trainer = type("T", (), {"training": False})()
     assert dm.on_after_batch_transfer(batch, 0)[0] is batch[0]  # validation/test: untouched uint8
@@ -364,16 +332,10 @@ def test_under_ddp_each_rank_takes_its_share_and_evaluation_counts_each_sample_o
     for kind in ("torchvision", "tensor"):
         tested, trained = [], []
         for rank in (0, 1):
-            dm = MNISTDataModule(data_dir=odd_mnist, batch_size=16, loader=kind, val_split=61)
-            dm.setup("fit")
-            dm.setup("test")
-            progress = SimpleNamespace(current=SimpleNamespace(processed=3))
-            dm.trainer = SimpleNamespace(
-                world_size=2,
-                global_rank=rank,
-                distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
-                fit_loop=SimpleNamespace(epoch_progress=progress),
-            )
+            dm = ready(MNISTDataModule(data_dir=odd_mnist, batch_size=16, loader=kind, val_split=61), "fit", "test")
+            loop = SimpleNamespace(epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=3)))
+            dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, fit_loop=loop)
+            dm.trainer.distributed_sampler_kwargs = {"num_replicas": 2, "rank": rank}
             tested.append(collect(dm.test_dataloader())[0])
             if kind == "tensor":
                 loader = dm.train_dataloader()
@@ -395,9 +357,8 @@ def test_tensor_loader_is_seeded_sharded_and_resumes_mid_epoch():
     a, b = loader(), loader()
     first = collect(a)[0].flatten()
     assert torch.equal(first, collect(b)[0].flatten()) and sorted(first.tolist()) == list(range(103))
-    assert not torch.equal(first, collect(a)[0].flatten()) and not torch.equal(
-        first, collect(loader(seed=8))[0].flatten()
-    )
+    assert not torch.equal(first, collect(a)[0].flatten())  # the next epoch
+    assert not torch.equal(first, collect(loader(seed=8))[0].flatten())
     shards = [collect(loader(rank=r, world_size=3))[0].flatten().tolist() for r in range(3)]
     assert len({len(s) for s in shards}) == 1 and len(set(sum(shards, []))) == 102  # disjoint, equal lengths
     reference = loader()
@@ -463,15 +424,10 @@ def centre_of_mass(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([x - (w - 1) / 2, y - (h - 1) / 2], 1)
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        {"degrees": 10},
-        {"translate": 0.1},
-        {"scale": (0.8, 1.2)},
-        {"degrees": 10, "translate": 0.1, "scale": (0.8, 1.2)},
-    ],
-)
+AFFINE = {"degrees": 10, "translate": 0.1, "scale": (0.8, 1.2)}
+
+
+@pytest.mark.parametrize("settings", [*({k: v} for k, v in AFFINE.items()), AFFINE])  # each alone, then all
 def test_affine_augmentation_turns_zooms_and_shifts_each_image_by_what_it_drew(settings):
     """Each image's spot moves where the drawn angle (degrees), zoom and shift (a fraction of the size) put it:
     the draws in their order, uniform over the ranges asked (both signs), within 0.1 px."""
@@ -495,23 +451,12 @@ def test_affine_augmentation_turns_zooms_and_shifts_each_image_by_what_it_drew(s
 def test_weighted_sampler_balances_classes(tmp_path, mnist_root):
     root = write_image_folder(tmp_path / "imgs", {"red": 40, "stripes": 8})
     for kind in ("torchvision", "tensor"):
-        dm = ImageFolderDataModule(
-            root,
-            image_size=8,
-            val_split=0.25,
-            test_split=0.0,
-            sampler="weighted",
-            batch_size=500,
-            mean=[0.5] * 3,
-            std=[0.5] * 3,
-            loader=kind,
-        )
-        dm.setup("fit")
-        train = dm.train_dataloader()
+        given = {"mean": [0.5] * 3, "std": [0.5] * 3, "batch_size": 500, "loader": kind}
+        dm = ImageFolderDataModule(root, image_size=8, val_split=0.25, test_split=0.0, sampler="weighted", **given)
+        train = ready(dm, "fit").train_dataloader()
         labels = torch.cat([y for _ in range(30) for _, y in train])
         assert abs(labels.float().mean().item() - 0.5) < 0.05, kind  # 6/36 = 0.17 without the sampler
-    mnist = MNISTDataModule(data_dir=mnist_root, sampler="weighted")  # training split: a Subset of the file
-    mnist.setup("fit")
+    mnist = ready(MNISTDataModule(data_dir=mnist_root, sampler="weighted"), "fit")  # train: a Subset of the file
     labels = torch.as_tensor(mnist.splits["train"].dataset.targets)[mnist.splits["train"].indices]
     assert torch.equal(mnist.train_weights() * torch.bincount(labels)[labels], torch.ones(540, dtype=torch.float64))
 
@@ -528,15 +473,8 @@ def test_folder_splits_are_stratified_and_seeded(image_root, tmp_path):
     write_image_folder(tmp_path / "split" / "train", {"a": 6, "b": 6})
     write_image_folder(tmp_path / "split" / "test", {"a": 2, "b": 3}, seed=1)
     write_image_folder(tmp_path / "unlabelled" / "any", {"x": 4}, seed=2)
-    dm = ImageFolderDataModule(
-        tmp_path / "split",
-        channels=1,
-        image_size=(16, 12),
-        val_split=0.5,
-        mean=[0.5],
-        std=[0.25],
-        predict_dir=str(tmp_path / "unlabelled"),
-    )
+    given = {"mean": [0.5], "std": [0.25], "predict_dir": str(tmp_path / "unlabelled")}
+    dm = ImageFolderDataModule(tmp_path / "split", channels=1, image_size=(16, 12), val_split=0.5, **given)
     dm.setup()
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [6, 6, 5]
     dm.setup("predict")
@@ -568,7 +506,7 @@ def test_a_class_too_small_to_split_is_named_in_one_warning_line(tmp_path, caplo
     root = write_image_folder(tmp_path / "imgs", {"red": 10, "stripes": 10, "solo": 1, "alone": 1})
     with caplog.at_level(logging.WARNING):
         samples = ImageFolderDataModule(root, image_size=8).samples
-    assert [r.getMessage() for r in caplog.records] == [
+    assert caplog.messages == [
         f"--data.{name}_split takes no sample of class alone, solo (too few): none in that split; add samples"
         for name in ("test", "val")
     ]
@@ -578,33 +516,31 @@ def test_a_class_too_small_to_split_is_named_in_one_warning_line(tmp_path, caplo
 def test_folder_statistics_and_checks_are_computed_once_and_cached(tmp_path, monkeypatch, caplog):
     root = tmp_path / "imgs"
     write_alpha_icons(root / "train", n=5)  # the statistics see the images composited onto white
-    dm = ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0)
+    module = functools.partial(ImageFolderDataModule, root, image_size=8, val_split=0.2, test_split=0.0)
+    dm = module()
     pixels = torch.stack([read_image(p, "RGB", (8, 8)) for p, _ in dm.samples["train"]]).double() / 255
     np.testing.assert_allclose(dm.mean, pixels.mean(dim=(0, 2, 3)).numpy(), atol=1e-6)
     np.testing.assert_allclose(dm.std, pixels.std(dim=(0, 2, 3), correction=0).numpy(), atol=1e-6)
     cache = root / folder.CHECKS
     decoded = []
     monkeypatch.setattr(folder, "read_image", lambda path, *args: decoded.append(path) or read_image(path, *args))
-    other = ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0)  # another process or command
+    other = module()  # another process or command
     assert other.mean == dm.mean and decoded == []
-    other.setup("fit")
+    ready(other, "fit")
     assert decoded == []  # a test or predict of the run does not verify the images again
-    assert len(ImageFolderDataModule(root, image_size=6, val_split=0.2, test_split=0.0).mean) == 3  # another size
+    assert len(module(image_size=6).mean) == 3  # another size
     assert sorted(decoded) == sorted(str(p) for p in root.glob("train/*/*.png"))  # each image once
     assert [p.name for p in root.iterdir() if p.is_file()] == [folder.CHECKS]  # one file per folder
     write_alpha_icons(root / "train", n=6, seed=1)  # the files changed: checked again, the stale results replaced
-    grown = ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0)
+    grown = module()
     assert grown.mean != dm.mean
     cache.write_text('{"files": "trunc')  # a damaged file is computed again
-    assert ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0).mean == grown.mean
+    assert module().mean == grown.mean
     cache.unlink()
     cache.mkdir()  # cannot be written: one warning line, the data still serves
     with caplog.at_level(logging.WARNING):
-        blocked = ImageFolderDataModule(root, image_size=8, val_split=0.2, test_split=0.0)
-        assert blocked.mean == grown.mean
-    assert [r.getMessage() for r in caplog.records] == [
-        f"could not keep the image checks in {cache} (Is a directory); every run repeats them"
-    ]
+        assert module().mean == grown.mean
+    assert caplog.messages == [f"could not keep the image checks in {cache} (Is a directory); every run repeats them"]
 
 
 def test_unreadable_images_are_named_with_their_split_or_skipped(tmp_path):
@@ -615,17 +551,15 @@ def test_unreadable_images_are_named_with_their_split_or_skipped(tmp_path):
     jpeg.write_bytes(jpeg.read_bytes()[:-400])
     dm = ImageFolderDataModule(root, **common)
     split = next(s for s in ("train", "val") if str(jpeg) in [p for p, _ in dm.samples[s]])
-    with pytest.raises(
-        UserError, match=rf"cannot read image .*cut\.jpg \(OSError: image file is truncated.*in the {split} split"
-    ):
+    truncated = rf"cannot read image .*cut\.jpg \(OSError: image file is truncated.*in the {split} split"
+    with pytest.raises(UserError, match=truncated):
         dm.setup("fit")
     bad = root / "stripes" / "002.png"
     bad.write_bytes(bad.read_bytes()[:40])
     os.symlink(tmp_path / "nowhere.png", root / "stripes" / "gone.png")  # a broken link
     with pytest.raises(UserError, match=r"3 image\(s\) cannot be read: remove them or set --data.on_corrupt skip"):
         ImageFolderDataModule(root, **common).setup("fit")
-    dm = ImageFolderDataModule(root, on_corrupt="skip", **common)
-    dm.setup("fit")
+    dm = ready(ImageFolderDataModule(root, on_corrupt="skip", **common), "fit")
     assert len(dm.splits["train"]) + len(dm.splits["val"]) == 9
     for name in ("train", "val"):
         assert [dm.splits[name][i][0].shape for i in range(len(dm.splits[name]))]  # every image left decodes
@@ -660,9 +594,7 @@ def test_predicting_unlabelled_images_needs_no_training_folder(tmp_path):
     training = write_image_folder(tmp_path / "train", {"red": 4, "stripes": 4})
     (training / "red" / "000.png").write_bytes(b"broken")
     for data_dir in (tmp_path / "gone", training):
-        dm = ImageFolderDataModule(data_dir, image_size=8, predict_dir=str(new))
-        dm.prepare_data()
-        dm.setup("predict")
+        dm = ready(ImageFolderDataModule(data_dir, image_size=8, predict_dir=str(new)), "prepare", "predict")
         x, y = collect(dm.predict_dataloader())
         assert x.shape == (3, 3, 8, 8) and y.tolist() == [-1] * 3
     assert not (tmp_path / "gone").exists() and not (training / folder.CHECKS).exists()
@@ -682,8 +614,7 @@ def test_images_are_read_as_a_viewer_shows_them(case, tmp_path):
 
     def seen(**kwargs) -> np.ndarray:
         dm = ImageFolderDataModule(folder.parent, mean=[0.5] * channels, std=[0.5] * channels, **kwargs)
-        dm.setup("predict")
-        return collect(dm.predict_dataloader())[0][0].permute(1, 2, 0).numpy()
+        return collect(ready(dm, "predict").predict_dataloader())[0][0].permute(1, 2, 0).numpy()
 
     channels, expected = write_viewer_case(case, folder)
     size = expected.shape[:2]
@@ -697,19 +628,9 @@ def test_a_class_drawn_only_in_the_alpha_channel_is_learnable(tmp_path):
     """PNG icons whose RGB is black everywhere, the shape only in alpha: composited onto white they are two
     different pictures (converted without alpha both would be blank, and accuracy 50%)."""
     root = write_alpha_icons(tmp_path / "icons", n=24)
-    cli = fit(
-        "folder.yaml",
-        root,
-        "--data.init_args.image_size=12",
-        "--data.init_args.augment=none",
-        "--data.init_args.val_split=0.25",
-        "--data.init_args.test_split=0.25",
-        "--data.init_args.batch_size=8",
-        "--data.init_args.mean=[0.5,0.5,0.5]",  # given: the statistics test covers computed ones
-        "--data.init_args.std=[0.5,0.5,0.5]",
-        "--model.init_args.net.init_args.width=8",
-        "--trainer.max_epochs=6",
-    )
+    data = "image_size=12 augment=none val_split=0.25 test_split=0.25 batch_size=8 mean=[0.5,0.5,0.5] std=[0.5,0.5,0.5]"
+    args = [f"--data.init_args.{a}" for a in data.split()]  # mean, std given: the statistics test covers computed ones
+    cli = fit("folder.yaml", root, *args, "--model.init_args.net.init_args.width=8", "--trainer.max_epochs=6")
     assert float(cli.trainer.callback_metrics["test/acc"]) >= 0.9
 
 

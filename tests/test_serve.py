@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,14 +35,9 @@ from project.callbacks.prediction_writer import PredictionWriter
 from project.cli import cli_main
 from project.data.images import read_image
 from tests.conftest import QUIET, ROOT, error_line, fit
+from tests.test_tools import exits_2
 
 SIZE = 16  # the folder model's image size
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(url: str, body: bytes | None = None, content_type: str = "application/json") -> tuple[int, bytes]:
@@ -58,20 +54,23 @@ def image_json(data: bytes) -> bytes:
     return json.dumps({"image": base64.b64encode(data).decode()}).encode()
 
 
+def predict(url: str, path: Path) -> dict:
+    status, body = request(url + "/predict", image_json(path.read_bytes()))
+    assert status == 200, body
+    return json.loads(body)
+
+
 @contextmanager
 def served(*args: str, cwd: Path, wait: float = 180) -> Iterator[str]:
     """``python -m extras.serve ARGS --port <free>`` in ``cwd`` until /health says ok; its URL. Stopped with SIGTERM
     (as a container runtime does) when done: it must exit cleanly, having printed no error."""
-    port = free_port()
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "start_new_session": True}
     process = subprocess.Popen(
-        [sys.executable, "-m", "extras.serve", *args, "--port", str(port)],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        [sys.executable, "-m", "extras.serve", *args, "--port", str(port)], env=env, cwd=cwd, **pipes
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -110,36 +109,13 @@ def up(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def folder_model(image_root, tmp_path_factory) -> Path:
-    """A tiny classifier of the README's own-images path (3 classes of PNG files), trained for one epoch: its run
+    """A tiny classifier of the README's own-images path (3 classes of PNG files), trained for two epochs: its run
     folder (config.yaml, checkpoints/last.ckpt)."""
-    folder = tmp_path_factory.mktemp("serve-run")
-    cli = fit(
-        "folder.yaml",
-        image_root,
-        f"--data.init_args.image_size={SIZE}",
-        "--data.init_args.augment=none",
-        "--model.init_args.net.init_args.width=4",
-        "--trainer.max_epochs=2",
-        "--test_after_fit=false",
-        f"--trainer.default_root_dir={folder}",
-    )
+    root = tmp_path_factory.mktemp("serve-run")
+    data = f"--data.init_args.image_size={SIZE} --data.init_args.augment=none"
+    rest = "--model.init_args.net.init_args.width=4 --trainer.max_epochs=2 --test_after_fit=false"
+    cli = fit("folder.yaml", image_root, *f"{data} {rest}".split(), f"--trainer.default_root_dir={root}")
     return Path(cli.trainer.log_dir)
-
-
-def special_files(image_root: Path, folder: Path) -> list[Path]:
-    """Files a viewer shows differently from their raw pixels: transparency and EXIF orientation."""
-    with Image.open(next((image_root / "disk").glob("*.png"))) as image:
-        rgba = image.convert("RGBA")
-    alpha = np.zeros(rgba.size[::-1], np.uint8)
-    alpha[4:-4, 4:-4] = 255  # a transparent frame: over white it is white, ignoring alpha it would be the image
-    rgba.putalpha(Image.fromarray(alpha))
-    rgba.save(folder / "transparent.png")
-    with Image.open(next((image_root / "stripes").glob("*.png"))) as image:
-        turned = image.convert("RGB").resize((24, 16)).transpose(Image.Transpose.ROTATE_90)  # stored on its side
-    exif = Image.Exif()
-    exif[0x0112] = 8  # Orientation: rotate 90 degrees clockwise to show it upright
-    turned.save(folder / "phone.jpg", exif=exif, quality=95)
-    return [folder / "transparent.png", folder / "phone.jpg"]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +130,19 @@ def files(image_root, tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
                 image.convert("RGB").save(folder / f"{kind}{i}.jpg", quality=90)
                 if i == 0:
                     image.convert("L").resize((31, 29)).save(folder / f"{kind}-gray.png")
-    return folder, sorted(folder.iterdir()), special_files(image_root, other)
+    # files a viewer shows differently from their raw pixels: transparency and EXIF orientation
+    with Image.open(next((image_root / "disk").glob("*.png"))) as image:
+        rgba = image.convert("RGBA")
+    alpha = np.zeros(rgba.size[::-1], np.uint8)
+    alpha[4:-4, 4:-4] = 255  # a transparent frame: over white it is white, ignoring alpha it would be the image
+    rgba.putalpha(Image.fromarray(alpha))
+    rgba.save(other / "transparent.png")
+    with Image.open(next((image_root / "stripes").glob("*.png"))) as image:
+        turned = image.convert("RGB").resize((24, 16)).transpose(Image.Transpose.ROTATE_90)  # stored on its side
+    exif = Image.Exif()
+    exif[0x0112] = 8  # Orientation: rotate 90 degrees clockwise to show it upright
+    turned.save(other / "phone.jpg", exif=exif, quality=95)
+    return folder, sorted(folder.iterdir()), [other / "transparent.png", other / "phone.jpg"]
 
 
 @pytest.fixture(scope="module")
@@ -169,16 +157,8 @@ def server(folder_model, tmp_path_factory):
 def predict_csv(run: Path, images: Path) -> dict[str, dict[str, str]]:
     """``python -m project predict -c <run>/config.yaml --ckpt_path last --data.predict_dir images``: its rows by
     file name."""
-    cli = cli_main(
-        [
-            "predict",
-            f"--config={run / 'config.yaml'}",
-            "--ckpt_path=last",
-            f"--data.init_args.predict_dir={images}",
-            *QUIET,
-        ]
-    )
-    writer = next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
+    args = [f"--config={run / 'config.yaml'}", "--ckpt_path=last", f"--data.init_args.predict_dir={images}", *QUIET]
+    writer = next(c for c in cli_main(["predict", *args]).trainer.callbacks if isinstance(c, PredictionWriter))
     with open(writer.written[0]) as f:
         return {Path(row["id"]).name: row for row in csv.DictReader(f)}
 
@@ -189,10 +169,7 @@ def test_served_answers_are_what_predict_gives_for_the_same_files(server, folder
     rows = predict_csv(folder_model, folder)
     assert len(rows) == len(paths) == 15
     for path in paths:
-        status, body = request(url + "/predict", image_json(path.read_bytes()))
-        answer = json.loads(body)
-        assert status == 200, body
-        row = rows[path.name]
+        answer, row = predict(url, path), rows[path.name]
         assert answer["class"] == row["pred"] and answer["probability"] == pytest.approx(float(row["prob"]), abs=1e-5)
         assert answer["top"][0] == [answer["class"], answer["probability"]] and len(answer["top"]) == 3
         for k, (name, p) in enumerate(answer["top"][:3], start=1):
@@ -200,12 +177,11 @@ def test_served_answers_are_what_predict_gives_for_the_same_files(server, folder
     # transparency and EXIF orientation: read as training reads files (project.data.images), whatever the path
     model = load_trained(folder_model / "checkpoints" / "last.ckpt", "test")
     for path in special:
-        with torch.no_grad():
-            expected = model(read_image(path, "RGB", (SIZE, SIZE))[None]).softmax(-1)[0]
         plain = np.asarray(Image.open(path).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR))
         with torch.no_grad():
+            expected = model(read_image(path, "RGB", (SIZE, SIZE))[None]).softmax(-1)[0]
             naive = model(torch.from_numpy(plain.copy()).permute(2, 0, 1)[None]).softmax(-1)[0]
-        answer = json.loads(request(url + "/predict", image_json(path.read_bytes()))[1])
+        answer = predict(url, path)
         assert answer["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
         assert abs(float(naive.max()) - answer["probability"]) > 1e-4  # the rule made a difference here
 
@@ -215,66 +191,47 @@ def test_the_readme_curl_example_is_answered(server, files):
     url, _ = server
     line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "curl" in x and "/predict" in x)
     path = files[1][0]
-    done = subprocess.run(
-        ["bash", "-c", line.replace("shoe.png", str(path)).replace("http://127.0.0.1:8000", url)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    command = line.replace("shoe.png", str(path)).replace("http://127.0.0.1:8000", url)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    same(json.loads(done.stdout), json.loads(request(url + "/predict", image_json(path.read_bytes()))[1]))
+    same(json.loads(done.stdout), predict(url, path))
 
 
-def metrics(url: str) -> dict[str, dict]:
-    """``GET /metrics`` parsed by prometheus_client: family name -> {"type", "samples": {(name, labels): value}}."""
+def metrics(url: str) -> tuple[dict[str, str], dict[tuple, float]]:
+    """``GET /metrics`` parsed by prometheus_client: each family's type, and each sample's value by (name, labels)."""
     status, body = request(url + "/metrics")
     assert status == 200
-    return {
-        family.name: {
-            "type": family.type,
-            "samples": {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples},
-        }
-        for family in text_string_to_metric_families(body.decode())
-    }
+    families = list(text_string_to_metric_families(body.decode()))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+    return {f.name: f.type for f in families}, samples
 
 
 def test_32_concurrent_clients_are_all_answered_in_shared_batches(server, files):
-    url, _ = server
-    paths = files[1]
-    before = metrics(url)
-    expected = {p.name: json.loads(request(url + "/predict", image_json(p.read_bytes()))[1]) for p in paths}
-    start, answers = threading.Barrier(32), [None] * 32
+    url, paths = server[0], files[1]
+    before = metrics(url)[1]
+    expected = {p.name: predict(url, p) for p in paths}
+    start = threading.Barrier(32)
 
-    def client(i: int) -> None:
+    def client(i: int) -> tuple[int, bytes]:
         start.wait()
-        answers[i] = request(url + "/predict", image_json(paths[i % len(paths)].read_bytes()))
+        return request(url + "/predict", image_json(paths[i % len(paths)].read_bytes()))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(client, range(32)))
     for i, (status, body) in enumerate(answers):
         assert status == 200
         same(json.loads(body), expected[paths[i % len(paths)].name])  # another batch: float rounding only
-    after = metrics(url)
-    batches = after["serve_batch_size"]["samples"]
-    count = (
-        batches[("serve_batch_size_count", ())] - before["serve_batch_size"]["samples"][("serve_batch_size_count", ())]
-    )
-    images = batches[("serve_batch_size_sum", ())] - before["serve_batch_size"]["samples"][("serve_batch_size_sum", ())]
-    assert images == 32 + len(paths) and count < images  # at least one forward pass answered several requests
-    assert after["serve_batch_size"]["type"] == "histogram"
-    requests = after["serve_requests"]["samples"]
-    assert after["serve_requests"]["type"] == "counter"
-    assert requests[("serve_requests_total", (("status", "200"),))] >= 32 + len(paths)
-    predictions = after["serve_predictions"]["samples"]
-    assert sum(predictions.values()) == sum(before["serve_predictions"]["samples"].values()) + 32 + len(paths)
-    assert {dict(labels)["class"] for _, labels in predictions} <= {"disk", "red", "stripes"}
-    latency = after["serve_request_duration_seconds"]
-    assert latency["type"] == "histogram" and latency["samples"][("serve_request_duration_seconds_count", ())] >= 32
-    confidence = after["serve_top1_probability_mean"]
-    assert confidence["type"] == "gauge" and 1 / 3 < confidence["samples"][("serve_top1_probability_mean", ())] <= 1
+    (types, after), n = metrics(url), 32 + len(paths)
+    grew = {key: value - before.get(key, 0) for key, value in after.items()}
+    assert grew["serve_batch_size_sum", ()] == n and grew["serve_batch_size_count", ()] < n  # batches of several
+    assert after["serve_requests_total", (("status", "200"),)] >= n
+    assert after["serve_request_duration_seconds_count", ()] >= 32
+    assert 1 / 3 < after["serve_top1_probability_mean", ()] <= 1
+    predictions = {labels: value for (name, labels), value in grew.items() if name == "serve_predictions_total"}
+    assert sum(predictions.values()) == n
+    assert {dict(labels)["class"] for labels in predictions} <= {"disk", "red", "stripes"}
+    families = "serve_batch_size", "serve_requests", "serve_request_duration_seconds", "serve_top1_probability_mean"
+    assert [types[f] for f in families] == ["histogram", "counter", "histogram", "gauge"]
 
 
 def same(answer: dict, expected: dict) -> None:
@@ -296,57 +253,58 @@ def png_bomb(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
+def encoded(image: Image.Image, format: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format)
+    return out.getvalue()
+
+
 def test_each_bad_request_gets_its_4xx_and_the_next_good_one_is_answered(server, files, folder_model):
     url, cwd = server
     good = files[1][0]
-    expected = json.loads(request(url + "/predict", image_json(good.read_bytes()))[1])
-    jpeg = io.BytesIO()
-    Image.new("RGB", (400, 300), "red").save(jpeg, "JPEG")
-    big = io.BytesIO()
-    Image.new("L", (1200, 1000)).save(big, "PNG")  # 1.2 million pixels, over the server's --max_pixels 1000000
-    bad = {
-        "not JSON": (b"image=cat.png", "application/x-www-form-urlencoded", 400),
-        "JSON, no image": (b'{"picture": "aGVsbG8="}', "application/json", 422),
-        "not base64": (b'{"image": "not base64!"}', "application/json", 400),
-        "not an image": (image_json(b"just some text, not pixels"), "application/json", 400),
-        "a cut-off JPEG": (image_json(jpeg.getvalue()[:-200]), "application/json", 400),
-        "over the size limit": (image_json(b"\0" * 1_100_000), "application/json", 413),
-        "over the pixel limit": (image_json(big.getvalue()), "application/json", 413),
-        "a decompression bomb": (image_json(png_bomb(20000, 20000)), "application/json", 413),
+    expected = predict(url, good)
+    bad = {  # what -> (body, its status); all but the first sent as application/json
+        "not JSON": (b"image=cat.png", 400),
+        "JSON, no image": (b'{"picture": "aGVsbG8="}', 422),
+        "not base64": (b'{"image": "not base64!"}', 400),
+        "not an image": (image_json(b"just some text, not pixels"), 400),
+        "a cut-off JPEG": (image_json(encoded(Image.new("RGB", (400, 300), "red"), "JPEG")[:-200]), 400),
+        "over the size limit": (image_json(b"\0" * 1_100_000), 413),
+        # 1.2 million pixels, over the server's --max_pixels 1000000
+        "over the pixel limit": (image_json(encoded(Image.new("L", (1200, 1000)), "PNG")), 413),
+        "a decompression bomb": (image_json(png_bomb(20000, 20000)), 413),
     }
     before = sorted(p.relative_to(cwd) for p in cwd.rglob("*")), sorted(folder_model.rglob("*"))
-    for what, (body, content_type, status) in bad.items():
+    for what, (body, status) in bad.items():
+        content_type = "application/x-www-form-urlencoded" if what == "not JSON" else "application/json"
         got, answer = request(url + "/predict", body, content_type)
         assert got == status, (what, answer)
         detail = json.loads(answer)["detail"]
         assert isinstance(detail, str) and "\n" not in detail and detail, (what, answer)
-        status, answer = request(url + "/predict", image_json(good.read_bytes()))
-        assert status == 200, what
-        same(json.loads(answer), expected)
+        same(predict(url, good), expected)
     assert (sorted(p.relative_to(cwd) for p in cwd.rglob("*")), sorted(folder_model.rglob("*"))) == before
-    counts = metrics(url)["serve_requests"]["samples"]
+    counts = metrics(url)[1]
     for status in (400, 413, 422):
-        assert counts[("serve_requests_total", (("status", str(status)),))] >= 1
+        assert counts["serve_requests_total", (("status", str(status)),)] >= 1
 
 
 def test_exported_models_give_the_answers_of_their_checkpoint(server, folder_model, files, tmp_path):
     """``--model FILE``: what a worker does with a .pt2 or .onnx file (its metadata says how to read images), run
     here in-process on one batch; the HTTP side is the one tested above."""
     url, _ = server
-    bodies = [image_json(p.read_bytes()) for p in [*files[1][:4], *files[2]]]
-    expected = [json.loads(request(url + "/predict", body)[1]) for body in bodies]
+    paths = [*files[1][:4], *files[2]]
+    expected = [predict(url, p) for p in paths]
     interrupt = signal.getsignal(signal.SIGINT)  # a worker ignores Ctrl+C (its server stops it): not this process
+    ckpt = str(folder_model / "checkpoints" / "last.ckpt")
     try:
         for format in ("pt2", "onnx"):
-            path = str(
-                export.export(str(folder_model / "checkpoints" / "last.ckpt"), format, str(tmp_path / f"m.{format}"))
-            )
+            path = str(export.export(ckpt, format, str(tmp_path / f"m.{format}")))
             feeding, _ = serve.feeding_of(None, path)
             limits = {"max_pixels": 10**6, "window": 100, "threads": 1}
             api = serve.ImageClassifierAPI(format, path, feeding, limits, max_batch_size=8)
             api.setup("cpu")
-            inputs = [api.decode_request(serve.PredictRequest.model_validate_json(body)) for body in bodies]
-            outputs = api.unbatch(api.predict(api.batch(inputs)))
+            bodies = [serve.PredictRequest.model_validate_json(image_json(p.read_bytes())) for p in paths]
+            outputs = api.unbatch(api.predict(api.batch([api.decode_request(body) for body in bodies])))
             for output, reference in zip(outputs, expected, strict=True):
                 same(api.encode_response(output), reference)
     finally:
@@ -364,10 +322,7 @@ def test_a_command_that_cannot_serve_says_why_in_one_line(folder_model, capsys):
             (["--model", "notes.txt"], "is not an exported model; pass a .onnx or .pt2 file"),
             (["--ckpt_path", ckpt, "--port", port], f"cannot listen on 127.0.0.1:{port}"),
         ):
-            capsys.readouterr()
-            with pytest.raises(SystemExit) as exit_info:
-                serve.main(args)
-            assert exit_info.value.code == 2 and says in error_line(capsys.readouterr().err)
+            assert says in exits_2(serve.main, args, capsys)
 
 
 def test_without_the_serve_extra_the_command_says_what_to_install(tmp_path):
