@@ -13,6 +13,7 @@ interrupted: the next sweep on the study marks it failed and runs its parameters
 
 import argparse
 import ctypes
+import fcntl
 import io
 import json
 import os
@@ -23,7 +24,8 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,6 +249,17 @@ class Search:
             *self.logger_args,
         ]
 
+    @contextmanager
+    def counting_alone(self) -> Iterator[None]:
+        """Held while counting the trials and starting one: sweep processes sharing a journal file then never start
+        one trial too many, nor one grid point twice. (A database's processes are not serialized.)"""
+        if "://" in self.spec:
+            yield
+            return
+        with open(f"{self.spec}.start-lock", "a") as lock:  # not optuna's own <journal>.lock
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def start(self) -> None:
         trial = self.study.ask(self.distributions)
         number, trial_id = trial.number, self.trial_id(trial.number)
@@ -307,8 +320,11 @@ class Search:
         self.reclaim()
         while True:
             try:
-                while len(self.running) < self.workers and self.wanted():
-                    self.start()
+                while len(self.running) < self.workers:
+                    with self.counting_alone():
+                        if not self.wanted():
+                            break
+                        self.start()
                 if not self.running:
                     return
                 for number, run in list(self.running.items()):
