@@ -132,13 +132,15 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
-def fails(args: list[str], capsys: pytest.CaptureFixture) -> str:
-    """Run the CLI in-process; it must exit with code 2 and one ``error:`` line."""
+def fails(args: list[str], capsys: pytest.CaptureFixture, main=cli_main) -> str:
+    """Run ``main(args)`` in-process (the CLI, or a tool's ``main``): it must exit with code 2, print nothing to
+    stdout and one ``error:`` line to stderr; that line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(args)
-    assert exit_info.value.code == 2
-    return error_line(capsys.readouterr().err)
+        main(args)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == "", out
+    return error_line(err)
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[float]]:

@@ -34,8 +34,7 @@ from extras import export, load_trained, serve
 from project.callbacks.prediction_writer import PredictionWriter
 from project.cli import cli_main
 from project.data.images import read_image
-from tests.conftest import QUIET, ROOT, error_line, fit
-from tests.test_tools import exits_2
+from tests.conftest import QUIET, ROOT, error_line, fails, fit
 
 SIZE = 16  # the folder model's image size
 
@@ -322,7 +321,7 @@ def test_a_command_that_cannot_serve_says_why_in_one_line(folder_model, capsys):
             (["--model", "notes.txt"], "is not an exported model; pass a .onnx or .pt2 file"),
             (["--ckpt_path", ckpt, "--port", port], f"cannot listen on 127.0.0.1:{port}"),
         ):
-            assert says in exits_2(serve.main, args, capsys)
+            assert says in fails(args, capsys, main=serve.main)
 
 
 def test_without_the_serve_extra_the_command_says_what_to_install(tmp_path):

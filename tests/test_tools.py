@@ -25,24 +25,13 @@ from extras.export import read_metadata
 from project.data.images import RULE, read_image
 from project.errors import UserError
 from project.models import ImageClassifier
-from tests.conftest import CONFIGS, CSV, ROOT, error_line, fails, fit, run_module
+from tests.conftest import CONFIGS, CSV, ROOT, fails, fit, run_module
 from tests.test_readme import shown_files
 
 FMNIST_CLASSES = datasets.FashionMNIST.classes  # torchvision's names, which the data module gives too
 README = ROOT / "README.md"
 DISTILL = f"--config={CONFIGS / 'compress' / 'distill.yaml'}"
 WIDTH_8, SMALL = "--model.init_args.net.init_args.width=8", ["--data.init_args.batch_size=32", "--test_after_fit=true"]
-
-
-def exits_2(main, args: list[str], capsys: pytest.CaptureFixture) -> str:
-    """Run a tool's ``main(args)`` in-process: it must exit with code 2, print nothing to stdout and one ``error:``
-    line to stderr; that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    out, err = capsys.readouterr()
-    assert exit_info.value.code == 2 and out == "", out
-    return error_line(err)
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +134,7 @@ def test_failed_parity_or_an_existing_output_writes_nothing(teacher, tmp_path, c
     assert list(tmp_path.iterdir()) == []
     kept = tmp_path / "model.onnx"
     kept.write_text("an earlier file")
-    line = exits_2(export.main, ["--ckpt_path", str(ckpt), "--output", str(kept)], capsys)
+    line = fails(["--ckpt_path", str(ckpt), "--output", str(kept)], capsys, main=export.main)
     assert "exists; choose another --output or pass --overwrite true" in line and kept.read_text() == "an earlier file"
     done = run_module("extras.export", "--ckpt_path", str(ckpt), "--output", str(kept), "--overwrite", "true")
     assert done.returncode == 0 and not done.stderr, done.stderr  # the command as a user runs it: no warning either
@@ -221,7 +210,7 @@ def test_int8_quantization_reports_final_paths_and_never_overwrites(teacher, tmp
     assert report["samples"] == 200 and report["fp32"]["accuracy"] == pytest.approx(test_accuracy, abs=1e-6)
     assert report["accuracy_drop"] <= 0.03
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    line = exits_2(compress.main, ["--ckpt_path", str(ckpt), "--output_dir", str(out)], capsys)
+    line = fails(["--ckpt_path", str(ckpt), "--output_dir", str(out)], capsys, main=compress.main)
     assert "exists and is never written into" in line and {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -330,7 +319,7 @@ TOOLS = {"export": export, "compress": compress, "serve": serve}
 def refusal(tool: str, ckpt: Path, mnist_root: Path, capsys: pytest.CaptureFixture) -> str:
     """The error line of an extra given ``--ckpt_path ckpt``, or of fit given it as the distillation teacher."""
     if tool in TOOLS:
-        return exits_2(TOOLS[tool].main, ["--ckpt_path", str(ckpt)], capsys)
+        return fails(["--ckpt_path", str(ckpt)], capsys, main=TOOLS[tool].main)
     config = f"--config={CONFIGS / 'fashion_mnist.yaml'}"
     args = [config, DISTILL, CSV, f"--data.init_args.data_dir={mnist_root}", f"--model.init_args.teacher_ckpt={ckpt}"]
     return fails(["fit", *args, "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"], capsys)
@@ -355,7 +344,7 @@ def test_without_the_export_extra_a_tool_says_what_to_install(tool, teacher, tmp
     for name in ("onnx", "onnxruntime", "onnxscript"):
         monkeypatch.setitem(sys.modules, name, None)  # importing it now fails as when it is not installed
     output = {"export": ["--output", str(tmp_path / "model.onnx")], "compress": ["--output_dir", str(tmp_path / "q")]}
-    line = exits_2(TOOLS[tool].main, ["--ckpt_path", str(teacher[0]), *output[tool]], capsys)
+    line = fails(["--ckpt_path", str(teacher[0]), *output[tool]], capsys, main=TOOLS[tool].main)
     assert "onnx" in line and line.endswith(': pip install -e ".[export]" installs it'), line
     assert list(tmp_path.iterdir()) == []
 
