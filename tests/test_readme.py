@@ -51,8 +51,8 @@ def as_run(command: str) -> tuple[str, list[str], str | None]:
         args += [*QUIET, *LIMITS, *SMALL_BATCHES, "--data.num_workers=0"]
         args += ["--trainer.max_epochs=1"] if args[0] == "fit" else []
         args += ["--data.val_split=0.2"] if any("cifar" in a for a in args) else []
-    if module == "extras.sweep":  # two trials, each with the limits above
-        args += ["--trials=2", *QUIET, *LIMITS[:2]]
+    if module == "extras.sweep":  # one trial (its best.yaml is the next command's), with the limits above
+        args += ["--trials=1", *QUIET, *LIMITS[:2]]
     return module, args, output
 
 
