@@ -10,6 +10,9 @@ from project.cli import cli_main
 from project.models import ImageClassifier
 from tests.conftest import CONFIGS, CSV, QUIET, fails, fit, read_metrics
 
+ONE_EPOCH = ["--trainer.max_epochs=1", "--trainer.limit_val_batches=1"]
+WIDTH_4 = "--model.init_args.net.init_args.width=4"
+
 
 @pytest.mark.parametrize(("config", "root"), [("fashion_mnist.yaml", "mnist_root"), ("cifar10.yaml", "cifar_root")])
 def test_fit_then_validate_and_test_from_the_checkpoint_give_the_logged_numbers(config, root, request):
@@ -17,12 +20,8 @@ def test_fit_then_validate_and_test_from_the_checkpoint_give_the_logged_numbers(
     best checkpoint through the run's own config.yaml reproduce the numbers the fit run logged."""
     data = request.getfixturevalue(root)
     data = data[0] if isinstance(data, tuple) else data
-    small = [
-        "--model.init_args.net.init_args.width=8",
-        "--data.init_args.batch_size=32",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.val_split=0.2",
-    ]
+    small = ["--model.init_args.net.init_args.width=8", "--data.init_args.batch_size=32"]
+    small += ["--data.init_args.num_workers=0", "--data.init_args.val_split=0.2"]
     cli = fit(config, data, *small, "--trainer.max_epochs=2", "--test_after_fit=true")
     run_dir = Path(cli.trainer.log_dir)
     assert run_dir == Path("runs") / config.removesuffix(".yaml") / "version_0"
@@ -47,16 +46,9 @@ def test_fit_then_validate_and_test_from_the_checkpoint_give_the_logged_numbers(
 def test_data_is_linked_into_the_model_and_the_net(cifar_root):
     cli = fit("cifar100.yaml", cifar_root[0], "--model.init_args.net.init_args.width=4", run=False)
     model = cli.model
-    assert (
-        model.num_classes == 100
-        and len(model.class_names) == 100
-        and model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
-    )
-    assert model.hparams["net"]["init_args"]["num_classes"] == 100 and tuple(model.hparams["image_shape"]) == (
-        3,
-        32,
-        32,
-    )
+    assert model.num_classes == len(model.class_names) == 100 and model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    assert model.hparams["net"]["init_args"]["num_classes"] == 100
+    assert tuple(model.hparams["image_shape"]) == (3, 32, 32)
     assert model.mean.flatten().tolist() == pytest.approx(cli.datamodule.mean)
 
 
@@ -87,18 +79,10 @@ def test_a_net_taking_only_the_linked_arguments(mnist_root, tmp_path, monkeypatc
 
 
 def test_optimizer_and_scheduler_overrides_take_effect(mnist_root):
-    cli = fit(
-        "mnist.yaml",
-        mnist_root,
-        "--trainer.fast_dev_run=1",
-        "--model.optimizer=torch.optim.SGD",
-        "--model.optimizer.lr=0.05",
-        "--model.optimizer.momentum=0.9",
-        "--model.optimizer.weight_decay=0.01",
-        "--model.scheduler=torch.optim.lr_scheduler.StepLR",
-        "--model.scheduler.step_size=7",
-        "--model.scheduler_interval=step",
-    )
+    sgd = ["--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.05", "--model.optimizer.momentum=0.9"]
+    sgd += ["--model.optimizer.weight_decay=0.01"]
+    step_lr = ["--model.scheduler=torch.optim.lr_scheduler.StepLR", "--model.scheduler.step_size=7"]
+    cli = fit("mnist.yaml", mnist_root, "--trainer.fast_dev_run=1", *sgd, *step_lr, "--model.scheduler_interval=step")
     optimizer = cli.trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]  # none on biases and norms
@@ -108,14 +92,7 @@ def test_optimizer_and_scheduler_overrides_take_effect(mnist_root):
 
 
 def test_one_cycle_gets_the_run_length_and_a_longer_resume_stops_with_one_line(mnist_root, capsys):
-    cli = fit(
-        "fashion_mnist.yaml",
-        mnist_root,
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=3",
-        "--trainer.limit_val_batches=1",
-        "--model.init_args.net.init_args.width=4",
-    )
+    cli = fit("fashion_mnist.yaml", mnist_root, *ONE_EPOCH, "--trainer.limit_train_batches=3", WIDTH_4)
     assert cli.trainer.lr_scheduler_configs[0].scheduler.total_steps == 3
     config = Path(cli.trainer.log_dir) / "config.yaml"
     line = fails(["fit", f"--config={config}", "--ckpt_path=last", "--trainer.max_epochs=3"], capsys)
@@ -124,14 +101,7 @@ def test_one_cycle_gets_the_run_length_and_a_longer_resume_stops_with_one_line(m
 
 
 def test_checkpoints_are_plain_data_and_the_model_takes_raw_images(mnist_root):
-    cli = fit(
-        "fashion_mnist.yaml",
-        mnist_root,
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--model.init_args.net.init_args.width=4",
-    )
+    cli = fit("fashion_mnist.yaml", mnist_root, *ONE_EPOCH, "--trainer.limit_train_batches=2", WIDTH_4)
     path = cli.config_init.fit.checkpoint.best_model_path
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]  # no pickled modules or classes inside
     assert tuple(hparams["mean"]) == (0.2860,) and hparams["class_names"][0] == "T-shirt/top"
@@ -142,33 +112,15 @@ def test_checkpoints_are_plain_data_and_the_model_takes_raw_images(mnist_root):
 
 
 def test_default_root_dir_decides_where_runs_go_and_a_smoke_run_leaves_nothing(mnist_root, tmp_path):
-    cli = fit(
-        "mnist.yaml",
-        mnist_root,
-        "--trainer.default_root_dir=elsewhere/runs",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-    )
+    elsewhere = "--trainer.default_root_dir=elsewhere/runs"
+    cli = fit("mnist.yaml", mnist_root, elsewhere, *ONE_EPOCH, "--trainer.limit_train_batches=2")
     assert Path(cli.trainer.log_dir) == Path("elsewhere/runs/mnist/version_0")
-    assert {p.name for p in Path(cli.trainer.log_dir).iterdir()} == {
-        "config.yaml",
-        "checkpoints",
-        "metrics.csv",
-        "hparams.yaml",
-    }
+    files = {p.name for p in Path(cli.trainer.log_dir).iterdir()}
+    assert files == {"config.yaml", "checkpoints", "metrics.csv", "hparams.yaml"}
     before = sorted(tmp_path.rglob("*"))
+    smoke = [f"--config={CONFIGS / 'mnist.yaml'}", f"--data.init_args.data_dir={mnist_root}", *QUIET]
     for _ in range(2):
-        cli_main(
-            [
-                "fit",
-                f"--config={CONFIGS / 'mnist.yaml'}",
-                f"--data.init_args.data_dir={mnist_root}",
-                *QUIET,
-                "--trainer.fast_dev_run=true",
-                "--test_after_fit=true",
-            ]
-        )
+        cli_main(["fit", *smoke, "--trainer.fast_dev_run=true", "--test_after_fit=true"])
     assert sorted(tmp_path.rglob("*")) == before, "fast_dev_run writes no checkpoints, logs or configs"
 
 
@@ -209,18 +161,9 @@ def test_lightning_callback_short_names_work(name, mnist_root):
 
 
 def test_no_logger_trains_and_checkpoints(mnist_root):
-    cli = cli_main(
-        [
-            "fit",
-            f"--config={CONFIGS / 'mnist.yaml'}",
-            f"--config={CONFIGS / 'logger/none.yaml'}",
-            *QUIET,
-            f"--data.init_args.data_dir={mnist_root}",
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--test_after_fit=true",
-        ]
-    )
+    configs = [f"--config={CONFIGS / 'mnist.yaml'}", f"--config={CONFIGS / 'logger/none.yaml'}", *QUIET]
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--test_after_fit=true"]
+    cli = cli_main(["fit", *configs, f"--data.init_args.data_dir={mnist_root}", *short])
     assert not cli.trainer.loggers and cli.trainer.state.finished and "test/acc" in cli.trainer.callback_metrics
     run = Path("runs/mnist/version_0")
     best, last = sorted((run / "checkpoints").iterdir())
@@ -232,15 +175,8 @@ def test_no_logger_trains_and_checkpoints(mnist_root):
 
 
 def test_learning_rate_is_logged_once_and_configurable(mnist_root):
-    cli = fit(
-        "fashion_mnist.yaml",
-        mnist_root,
-        CSV,
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=3",
-        "--lr_monitor.log_momentum=true",
-        "--model.init_args.net.init_args.width=4",
-    )
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", WIDTH_4]
+    cli = fit("fashion_mnist.yaml", mnist_root, CSV, *short, "--lr_monitor.log_momentum=true")
     metrics = read_metrics(Path(cli.trainer.log_dir))
     assert len(metrics["lr-AdamW/pg1"]) == 3 and "lr-AdamW/pg1-momentum" in metrics  # per step: OneCycle is per step
 
@@ -248,19 +184,9 @@ def test_learning_rate_is_logged_once_and_configurable(mnist_root):
 def test_train_loss_is_logged_every_epoch_however_few_the_steps_and_epochs_count_from_one(mnist_root, capsys):
     """3 steps an epoch, fewer than log_every_n_steps: the epoch's mean train/loss is logged anyway (it used to be
     logged per step only, so never); the progress bar ends at Epoch 2/2, not at Lightning's 0-based Epoch 1/1."""
-    cli = cli_main(
-        [
-            "fit",
-            f"--config={CONFIGS / 'mnist.yaml'}",
-            CSV,
-            f"--data.init_args.data_dir={mnist_root}",
-            "--trainer.max_epochs=2",
-            "--trainer.limit_train_batches=3",
-            "--trainer.limit_val_batches=1",
-            "--trainer.log_every_n_steps=50",
-            "--trainer.enable_model_summary=false",
-        ]
-    )
+    data = [f"--config={CONFIGS / 'mnist.yaml'}", CSV, f"--data.init_args.data_dir={mnist_root}"]
+    short = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"]
+    cli = cli_main(["fit", *data, *short, "--trainer.log_every_n_steps=50", "--trainer.enable_model_summary=false"])
     metrics = read_metrics(Path(cli.trainer.log_dir))
     assert len(metrics["train/loss"]) == 2 and all(v > 0 for v in metrics["train/loss"]) and "train/acc" in metrics
     console = capsys.readouterr()

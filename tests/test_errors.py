@@ -15,6 +15,11 @@ from tests.conftest import CONFIGS, CSV, QUIET, fails, fit, run_module
 MNIST = f"--config={CONFIGS / 'mnist.yaml'}"
 
 
+def mnist(data_dir: Path | str, *extra: str) -> list[str]:
+    """The options of ``fit`` on the MNIST config, quiet, with CSV logs, and ``extra``."""
+    return [MNIST, CSV, f"--data.init_args.data_dir={data_dir}", *QUIET, *extra]
+
+
 def snapshot(*roots: Path) -> dict[str, str]:
     return {
         str(p): hashlib.sha256(p.read_bytes()).hexdigest() for r in roots for p in Path(r).rglob("*") if p.is_file()
@@ -55,9 +60,7 @@ def fails_untouched(args: list[str], capsys, *roots: Path) -> str:
 )
 def test_bad_value_on_the_command_line(args, expected, capsys, mnist_root, tmp_path):
     (tmp_path / "blocker").write_text("a file, not a folder (root ignores permission bits, not this)\n")
-    line = fails_untouched(
-        ["fit", MNIST, CSV, f"--data.init_args.data_dir={mnist_root}", *QUIET, *args], capsys, mnist_root
-    )
+    line = fails_untouched(["fit", *mnist(mnist_root, *args)], capsys, mnist_root)
     assert expected in line, line
 
 
@@ -86,13 +89,8 @@ def test_debug_shows_the_traceback(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def mnist_ckpt(tmp_path_factory, mnist_root) -> Path:
     """A real checkpoint of the MNIST config (an MLP, 10 classes, 1x28x28)."""
-    cli = fit(
-        "mnist.yaml",
-        mnist_root,
-        "--trainer.fast_dev_run=1",
-        "--model.init_args.net.init_args.hidden=[16]",
-        "--trainer.enable_checkpointing=true",
-    )
+    small = ["--model.init_args.net.init_args.hidden=[16]", "--trainer.enable_checkpointing=true"]
+    cli = fit("mnist.yaml", mnist_root, "--trainer.fast_dev_run=1", *small)
     path = tmp_path_factory.mktemp("ckpt") / "mnist.ckpt"
     cli.trainer.save_checkpoint(path)
     return path
@@ -114,18 +112,9 @@ def test_a_missing_optional_package_is_one_line_naming_the_extra(capsys, mnist_r
 
     monkeypatch.setattr(tensorboard, "_TENSORBOARD_AVAILABLE", False)  # as Lightning finds it when not installed
     monkeypatch.setattr(tensorboard, "_TENSORBOARDX_AVAILABLE", False)
-    line = fails_untouched(
-        [
-            "fit",
-            MNIST,
-            f"--config={CONFIGS / 'logger' / 'tensorboard.yaml'}",
-            f"--data.init_args.data_dir={mnist_root}",
-            f"--trainer.default_root_dir={tmp_path / 'runs'}",
-            *QUIET,
-        ],
-        capsys,
-        tmp_path,
-    )
+    logger = f"--config={CONFIGS / 'logger' / 'tensorboard.yaml'}"
+    data = [f"--data.init_args.data_dir={mnist_root}", f"--trainer.default_root_dir={tmp_path / 'runs'}", *QUIET]
+    line = fails_untouched(["fit", MNIST, logger, *data], capsys, tmp_path)
     assert "`tensorboard`" in line and line.endswith(': pip install -e ".[tensorboard]" installs it'), line
 
 
@@ -139,7 +128,7 @@ def test_bad_checkpoints_are_refused_with_one_line(tmp_path, capsys, mnist_root,
     torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}, "hyper_parameters": {"hidden_dim": 64}}, "other.ckpt")
     torch.save({"encoder.weight": torch.zeros(2)}, "bare.ckpt")
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # neither this nor --weights_only=false turns it off
-    base = [MNIST, CSV, f"--data.init_args.data_dir={mnist_root}", *QUIET, "--weights_only=false"]
+    base = mnist(mnist_root, "--weights_only=false")
     for subcommand in ("validate", "test", "fit"):
         line = fails_untouched([subcommand, *base, "--ckpt_path=evil.ckpt"], capsys)
         assert "refused to load evil.ckpt" in line and "could run code" in line and not marker.exists()
@@ -150,18 +139,9 @@ def test_bad_checkpoints_are_refused_with_one_line(tmp_path, capsys, mnist_root,
     assert "comes from another model" in line and "hidden_dim" in line
     assert "not a Lightning checkpoint" in fails_untouched(["validate", *base, "--ckpt_path=bare.ckpt"], capsys)
     # CIFAR-100's data (100 classes, 3x32x32) against the MNIST checkpoint's MLP (10 classes, 1x28x28)
-    line = fails(
-        [
-            "validate",
-            f"--config={CONFIGS / 'cifar100.yaml'}",
-            CSV,
-            f"--data.init_args.data_dir={cifar_root[0]}",
-            "--data.init_args.num_workers=0",
-            "--data.init_args.val_split=0.2",
-            f"--ckpt_path={mnist_ckpt}",
-        ],
-        capsys,
-    )
+    cifar = [f"--config={CONFIGS / 'cifar100.yaml'}", CSV, f"--data.init_args.data_dir={cifar_root[0]}"]
+    split = ["--data.init_args.num_workers=0", "--data.init_args.val_split=0.2"]
+    line = fails(["validate", *cifar, *split, f"--ckpt_path={mnist_ckpt}"], capsys)
     assert "the checkpoint does not fit this model" in line and "saved" in line and "config.yaml" in line
 
 
@@ -180,7 +160,7 @@ def test_damaged_data_files_are_one_line(tmp_path, capsys, mnist_root, cifar_roo
     shutil.copytree(mnist_root / "MNIST", tmp_path / "data" / "MNIST")
     images = tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:100_000])
-    line = fails(["fit", MNIST, CSV, "--data.init_args.data_dir=data", *QUIET], capsys)
+    line = fails(["fit", *mnist("data")], capsys)
     assert "could not read the data set in data" in line and "truncated or corrupt" in line
     shutil.copytree(cifar_root[0] / "cifar-10-batches-py", tmp_path / "cifar" / "cifar-10-batches-py")
     batch = tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_1"
@@ -190,17 +170,8 @@ def test_damaged_data_files_are_one_line(tmp_path, capsys, mnist_root, cifar_roo
 
 
 def test_an_earlier_run_folder_is_never_overwritten(capsys, mnist_root):
-    args = [
-        "fit",
-        MNIST,
-        CSV,
-        f"--data.init_args.data_dir={mnist_root}",
-        *QUIET,
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.logger.init_args.version=0",
-    ]
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    args = ["fit", *mnist(mnist_root, *short, "--trainer.logger.init_args.version=0")]
     cli_main(args)
     assert "runs/mnist/version_0 holds an earlier run" in fails_untouched(args, capsys)
 
@@ -214,21 +185,10 @@ SECRETS = {
 
 def test_secrets_never_reach_output_files(tmp_path, mnist_root):
     """A real process (W&B offline and CSV logs, fit + test) with planted keys: no file and no console line has them."""
-    done = run_module(
-        "project",
-        "fit",
-        MNIST,
-        f"--data.init_args.data_dir={mnist_root}",
-        *QUIET,
-        "--test_after_fit=true",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=3",
-        "--trainer.limit_val_batches=2",
-        "--trainer.logger+=lightning.pytorch.loggers.CSVLogger",
-        cwd=tmp_path,
-        WANDB_MODE="offline",
-        **SECRETS,
-    )
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2"]
+    args = [MNIST, f"--data.init_args.data_dir={mnist_root}", *QUIET, "--test_after_fit=true", *short]
+    csv = "--trainer.logger+=lightning.pytorch.loggers.CSVLogger"
+    done = run_module("project", "fit", *args, csv, cwd=tmp_path, WANDB_MODE="offline", **SECRETS)
     assert done.returncode == 0, done.stderr[-3000:]
     outputs = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(list(tmp_path.rglob("*.wandb"))) == 1 and len(list(tmp_path.rglob("*.ckpt"))) == 2

@@ -7,7 +7,7 @@ import pickle
 import re
 import signal as signal_module
 import subprocess
-import sys
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,13 +22,10 @@ from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.cli import cli_main
 from project.errors import UserError
 from project.models.nets import MLP
-from tests.conftest import CONFIGS, CSV, QUIET, ROOT, fails, fit
+from tests.conftest import CONFIGS, CSV, QUIET, fails, fit, run_module
 
-SHORT = [
-    "--trainer.limit_train_batches=4",
-    "--trainer.limit_val_batches=2",
-    "--model.init_args.net.init_args.hidden=[16]",
-]
+HIDDEN = "--model.init_args.net.init_args.hidden=[16]"
+SHORT = ["--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2", HIDDEN]
 
 
 class NaNGradient(torch.autograd.Function):
@@ -56,8 +53,25 @@ class NaNAfter(MLP):
         return NaNGradient.apply(logits) if self.calls == self.nan_at and self.training else logits
 
 
+def mnist(data_dir: Path, *extra: str) -> list[str]:
+    """The options of ``fit`` on the MNIST config, quiet, with CSV logs, and ``extra``."""
+    return [f"--config={CONFIGS / 'mnist.yaml'}", CSV, f"--data.init_args.data_dir={data_dir}", *QUIET, *extra]
+
+
 def all_finite(path: Path) -> bool:
     return all(v.isfinite().all() for v in torch.load(path, weights_only=True)["state_dict"].values())
+
+
+def only_good_checkpoints_kept(line: str, step: int | None) -> None:
+    """None saved (``step`` None) and the message says so; or epoch 0's best and last.ckpt, finite, from ``step``,
+    and the message names the last one."""
+    saved = sorted(Path("runs/mnist/version_0/checkpoints").glob("*.ckpt"))
+    if step is None:
+        assert saved == [] and "no checkpoint was written" in line
+        return
+    assert len(saved) == 2 and f"last good checkpoint: {saved[-1]}" in line
+    for path in saved:
+        assert all_finite(path) and torch.load(path, weights_only=True)["global_step"] == step
 
 
 @pytest.mark.parametrize(("nan_at", "kept"), [(4, None), (7, 4)])
@@ -65,28 +79,13 @@ def test_non_finite_gradients_never_reach_a_checkpoint(nan_at, kept, capsys, mni
     """NaN gradients with a finite loss, at the last step of epoch 0 (nothing saved yet) or in epoch 1 (epoch 0's
     checkpoints, at step 4, are the last good ones): the run stops before the update, every file on disk is finite,
     and the message names a checkpoint only if it exists."""
-    line = fails(
-        [
-            "fit",
-            f"--config={CONFIGS / 'mnist.yaml'}",
-            CSV,
-            f"--data.init_args.data_dir={mnist_root}",
-            *QUIET,
-            *SHORT,
-            "--trainer.max_epochs=3",
-            "--model.init_args.net.class_path=tests.test_faults.NaNAfter",
-            f"--model.init_args.net.init_args.nan_at={nan_at}",
-        ],
-        capsys,
-    )
+    net = [
+        "--model.init_args.net.class_path=tests.test_faults.NaNAfter",
+        f"--model.init_args.net.init_args.nan_at={nan_at}",
+    ]
+    line = fails(["fit", *mnist(mnist_root, *SHORT, "--trainer.max_epochs=3", *net)], capsys)
     assert f"gradients are not finite at step {nan_at - 1} (epoch {(nan_at - 1) // 4})" in line and "lr" in line
-    saved = sorted(Path("runs/mnist/version_0/checkpoints").glob("*.ckpt"))
-    if kept is None:
-        assert saved == [] and "no checkpoint was written" in line
-        return
-    assert len(saved) == 2 and f"last good checkpoint: {saved[-1]}" in line  # the best and last.ckpt
-    for path in saved:
-        assert all_finite(path) and torch.load(path, weights_only=True)["global_step"] == kept
+    only_good_checkpoints_kept(line, kept)
 
 
 def test_fp16_gradient_scaler_is_left_to_skip_non_finite_steps():
@@ -101,38 +100,19 @@ def test_fp16_gradient_scaler_is_left_to_skip_non_finite_steps():
         trainer = SimpleNamespace(
             precision_plugin=MixedPrecision(precision, "cpu"), checkpoint_callbacks=[], global_step=3, current_epoch=0
         )
-        if stops:
-            with pytest.raises(UserError, match="training loss is nan and the gradients are not finite at step 3 "):
-                guard.on_before_optimizer_step(trainer, None, optimizer)
-        else:
+        message = "training loss is nan and the gradients are not finite at step 3 "
+        with pytest.raises(UserError, match=message) if stops else nullcontext():
             guard.on_before_optimizer_step(trainer, None, optimizer)
 
 
 def test_huge_learning_rate_is_caught(capsys, mnist_root):
     """SGD whose learning rate jumps to 1e29 after epoch 0 (StepLR): training diverges in epoch 1 and stops at the
     first non-finite gradients, leaving epoch 0's checkpoints as they were and naming the last one."""
-    line = fails(
-        [
-            "fit",
-            f"--config={CONFIGS / 'mnist.yaml'}",
-            CSV,
-            f"--data.init_args.data_dir={mnist_root}",
-            *QUIET,
-            *SHORT,
-            "--trainer.max_epochs=3",
-            "--model.optimizer=torch.optim.SGD",
-            "--model.optimizer.lr=0.1",
-            "--model.scheduler=torch.optim.lr_scheduler.StepLR",
-            "--model.scheduler.step_size=1",
-            "--model.scheduler.gamma=1e30",
-        ],
-        capsys,
-    )
+    step_lr = ["--model.scheduler=torch.optim.lr_scheduler.StepLR", "--model.scheduler.step_size=1"]
+    sgd = ["--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.1", *step_lr, "--model.scheduler.gamma=1e30"]
+    line = fails(["fit", *mnist(mnist_root, *SHORT, "--trainer.max_epochs=3", *sgd)], capsys)
     assert re.search(r"gradients are not finite at step [5-7] \(epoch 1\)", line), line
-    saved = sorted(Path("runs/mnist/version_0/checkpoints").glob("*.ckpt"))
-    assert len(saved) == 2 and f"last good checkpoint: {saved[-1]}" in line  # the best and last.ckpt
-    for path in saved:
-        assert all_finite(path) and torch.load(path, weights_only=True)["global_step"] == 4
+    only_good_checkpoints_kept(line, 4)
 
 
 def failing_save(after_bytes: int):
@@ -209,18 +189,7 @@ def test_disk_full_during_fit_is_one_line_and_keeps_earlier_checkpoints(capsys, 
         return real_save(obj, f, *args, **kwargs) if len(calls) <= 2 else failing_save(1000)(obj, f)  # epoch 0 ok
 
     monkeypatch.setattr(project.checkpoint_io.torch, "save", save_then_fill_the_disk)
-    line = fails(
-        [
-            "fit",
-            f"--config={CONFIGS / 'mnist.yaml'}",
-            CSV,
-            f"--data.init_args.data_dir={mnist_root}",
-            *QUIET,
-            *SHORT,
-            "--trainer.max_epochs=2",
-        ],
-        capsys,
-    )
+    line = fails(["fit", *mnist(mnist_root, *SHORT, "--trainer.max_epochs=2")], capsys)
     assert line.startswith("error: disk full while writing") and "earlier files are intact" in line
     checkpoints = Path("runs/mnist/version_0/checkpoints")
     assert len(list(checkpoints.iterdir())) == 2 and torch.load(checkpoints / "last.ckpt")["global_step"] == 4
@@ -240,14 +209,8 @@ def test_resumed_run_is_bit_identical_and_last_ckpt_follows_every_epoch(mnist_ro
         ]
         straight = fit("mnist.yaml", mnist_root, *common, "--trainer.max_epochs=3")
         first = fit("mnist.yaml", mnist_root, *common, "--trainer.max_epochs=1")
-        resumed = cli_main(
-            [
-                "fit",
-                f"--config={Path(first.trainer.log_dir) / 'config.yaml'}",
-                "--trainer.max_epochs=3",
-                "--ckpt_path=last",
-            ]
-        )
+        config = Path(first.trainer.log_dir) / "config.yaml"
+        resumed = cli_main(["fit", f"--config={config}", "--trainer.max_epochs=3", "--ckpt_path=last"])
         assert resumed.trainer.global_step == straight.trainer.global_step == 12
         a, b = straight.model.state_dict(), resumed.model.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after resume ({loader})"
@@ -273,16 +236,12 @@ class SignalAt(Callback):
             os.kill(os.getpid(), self.signal)
 
 
-def launch(cwd: Path, folder: Path, *args: str, at: int = -1, signal: str = "SIGKILL") -> subprocess.Popen:
+def launch(cwd: Path, folder: Path, *args: str, at: int = -1, signal: str = "SIGKILL") -> subprocess.CompletedProcess:
     """``python -m project fit`` as a process that signals itself after step ``at`` (see :class:`SignalAt`)."""
     folder.mkdir(parents=True)
-    probe = {
-        "class_path": "tests.test_faults.SignalAt",
-        "init_args": {"folder": str(folder), "at": at, "signal": signal},
-    }
-    command = [sys.executable, "-m", "project", "fit", *args, f"--trainer.callbacks=[{json.dumps(probe)}]"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    init = {"folder": str(folder), "at": at, "signal": signal}
+    probe = {"class_path": "tests.test_faults.SignalAt", "init_args": init}
+    return run_module("project", "fit", *args, f"--trainer.callbacks=[{json.dumps(probe)}]", cwd=cwd)
 
 
 def started_at(folder: Path) -> int:
@@ -293,19 +252,10 @@ def started_at(folder: Path) -> int:
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, mnist_root):
     """SIGINT, as Ctrl-C sends it, after step 3: the step ends, last.ckpt holds it, exit code 1 and the command that
     resumes; the resumed run goes on from there to the end (2 epochs of 17 steps)."""
-    args = [
-        f"--config={CONFIGS / 'mnist.yaml'}",
-        CSV,
-        f"--data.init_args.data_dir={mnist_root}",
-        *QUIET,
-        "--trainer.max_epochs=2",
-        "--data.init_args.batch_size=32",
-        "--model.init_args.net.init_args.hidden=[16]",
-    ]
-    process = launch(tmp_path, tmp_path / "probe", *args, at=3, signal="SIGINT")
-    err = process.communicate(timeout=300)[1]
-    assert process.returncode == 1, err[-3000:]
-    (line,) = [line for line in err.splitlines() if "resume with:" in line]
+    args = mnist(mnist_root, "--trainer.max_epochs=2", "--data.init_args.batch_size=32", HIDDEN)
+    done = launch(tmp_path, tmp_path / "probe", *args, at=3, signal="SIGINT")
+    assert done.returncode == 1, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if "resume with:" in line]
     saved = Path("runs/mnist/version_0/checkpoints/last.ckpt")
     assert line == (
         f"interrupted at epoch 0, step 3; saved {saved}; resume with: python -m project fit -c "
@@ -324,28 +274,17 @@ def test_sigkill_mid_epoch_and_resume_is_bit_identical(tmp_path, mnist_root):
     shared checkpoint folder (last.ckpt refreshed every 3 steps; the tensor loader restores its position): each
     resume starts from the newest checkpoint before the kill (steps 3 and 21: the save of step 24 never happened),
     and the final weights equal those of an uninterrupted run."""
-    epochs, every = 3, 3
-    train = [
-        f"--config={CONFIGS / 'mnist.yaml'}",
-        CSV,
-        f"--data.init_args.data_dir={mnist_root}",
-        *QUIET,
-        f"--trainer.max_epochs={epochs}",
-        "--data.init_args.batch_size=32",
-        "--data.init_args.augment=standard",
-        "--data.init_args.loader=tensor",
-        "--model.init_args.net.init_args.hidden=[16]",
-        "--trainer.limit_val_batches=2",
-        f"--last_checkpoint.every_n_train_steps={every}",
-        f"--last_checkpoint.dirpath={tmp_path / 'checkpoints'}",
-    ]
+    data = ["--data.init_args.batch_size=32", "--data.init_args.augment=standard", "--data.init_args.loader=tensor"]
+    run = [*data, "--trainer.max_epochs=3", "--trainer.limit_val_batches=2", HIDDEN]
+    every = "--last_checkpoint.every_n_train_steps=3"
     assert torch.get_num_threads() == 1  # as in the processes (OMP_NUM_THREADS=1): the same order of float additions
-    reference = fit("mnist.yaml", mnist_root, *train[3:-1])  # its own checkpoint folder
+    reference = fit("mnist.yaml", mnist_root, *run, every)  # its own checkpoint folder
     assert reference.trainer.global_step == 51
+    train = mnist(mnist_root, *run, every, f"--last_checkpoint.dirpath={tmp_path / 'checkpoints'}")
     for i, kill in enumerate([5, 24, None]):
         resume = ["--ckpt_path=last"] if i else []
-        process = launch(tmp_path, tmp_path / f"probe-{i}", *train, *resume, at=kill or -1)
-        assert process.wait(timeout=300) == (-signal_module.SIGKILL if kill else 0), process.communicate()[1][-3000:]
+        done = launch(tmp_path, tmp_path / f"probe-{i}", *train, *resume, at=kill or -1)
+        assert done.returncode == (-signal_module.SIGKILL if kill else 0), done.stderr[-3000:]
     assert [started_at(tmp_path / f"probe-{i}") for i in range(3)] == [0, 3, 21]
     got = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert got["global_step"] == 51
