@@ -16,7 +16,7 @@ from notebooks.wandb_runs import read_wandb_run
 from project.cli import cli_main
 from project.data.batches import TensorLoader
 from project.loggers import WandbLogger
-from tests.conftest import CONFIGS, QUIET, read_metrics
+from tests.conftest import CONFIGS, QUIET, fit, read_metrics
 
 STACKS = {  # every YAML under configs/ is in at least one stack (checked below); its effect is checked in CHECKS
     "mnist": [
@@ -52,25 +52,26 @@ PRINT_ONLY = {"trainer/ddp.yaml": "needs CUDA GPUs", "trainer/ddp_cpu.yaml": "st
 EXTRAS = {"prune", "distill"}  # configs/compress/ uses extras/
 DATA = {"mnist": "mnist_root", "fashion": "mnist_root", "cifar": "cifar_root", "folder": "image_root"}
 CIFAR = ["--model.init_args.net.init_args.width=8", "--data.init_args.batch_size=16", "--data.init_args.val_split=0.2"]
+WIDTH_4, HIDDEN_16 = "--model.init_args.net.init_args.width=4", "--model.init_args.net.init_args.hidden=[16]"
 TEST_1 = ["--trainer.limit_test_batches=1"]
 ONE_EPOCH = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", *TEST_1]
 SMALL = {  # small nets and batches, few of them; limit_batches.yaml and overfit_batches.yaml set their own
     "mnist": [
-        "--model.init_args.net.init_args.hidden=[16]",
+        HIDDEN_16,
         "--data.init_args.batch_size=16",
         "--data.init_args.eval_batch_size=8",
         "--trainer.limit_predict_batches=3",
     ],
     "early_stopping": [  # lr 0: val/loss stays put, so the run stops after patience (3) more epochs
-        "--model.init_args.net.init_args.hidden=[16]",
+        HIDDEN_16,
         "--model.init_args.optimizer.init_args.lr=0",
         "--trainer.max_epochs=10",
         "--trainer.limit_train_batches=1",
         "--trainer.limit_val_batches=1",
         *TEST_1,
     ],
-    "prune": ["--model.init_args.net.init_args.width=4", *ONE_EPOCH, "--trainer.max_epochs=2"],
-    "distill": ["--model.init_args.net.init_args.width=4", *ONE_EPOCH],
+    "prune": [WIDTH_4, *ONE_EPOCH, "--trainer.max_epochs=2"],
+    "distill": [WIDTH_4, *ONE_EPOCH],
     "cifar10": [*CIFAR, "--trainer.max_epochs=10", *TEST_1],  # overfit_batches validates every 10 epochs
     "cifar100": [*CIFAR, *ONE_EPOCH],
     "finetune": [
@@ -211,16 +212,7 @@ def test_every_shipped_config_is_covered():
 @pytest.fixture(scope="module")
 def teacher(mnist_root, tmp_path_factory) -> Path:
     """A Fashion-MNIST checkpoint of the main job's net, for the distillation config."""
-    cli = cli_main(
-        [
-            f"--config={CONFIGS / 'fashion_mnist.yaml'}",
-            *QUIET,
-            f"--data.init_args.data_dir={mnist_root}",
-            "--model.init_args.net.init_args.width=4",
-            "--trainer.fast_dev_run=1",
-        ],
-        run=False,
-    )
+    cli = fit("fashion_mnist.yaml", mnist_root, WIDTH_4, "--trainer.fast_dev_run=1", run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
     cli.trainer.save_checkpoint(path)
@@ -237,22 +229,16 @@ def without_files(printed: str) -> dict:
 def test_config_prints_round_trips_and_runs(name, request, tmp_path):
     data = request.getfixturevalue(DATA[next(k for k in DATA if STACKS[name][0].split("/")[-1].startswith(k))])
     data = data[0] if isinstance(data, tuple) else data
-    args = [
-        *(f"--config={CONFIGS / c}" for c in STACKS[name]),
-        *QUIET,
-        f"--data.init_args.data_dir={data}",
-        "--data.init_args.num_workers=0",
-        *SMALL[name],
-    ]
+    configs = [f"--config={CONFIGS / c}" for c in STACKS[name]]
+    args = [*configs, *QUIET, f"--data.init_args.data_dir={data}", "--data.init_args.num_workers=0", *SMALL[name]]
     if name == "distill":
         args.append(f"--model.init_args.teacher_ckpt={request.getfixturevalue('teacher')}")
     printed = cli_main(args, run=False)
     (tmp_path / "printed.yaml").write_text(printed.parser.dump(printed.config, skip_unset=False))
-    assert "Unable to serialize" not in (tmp_path / "printed.yaml").read_text()
+    text = (tmp_path / "printed.yaml").read_text()
+    assert "Unable to serialize" not in text
     cli = cli_main(["--config=printed.yaml"], run=False)  # valid input again: the same config, and it trains
-    assert without_files(cli.parser.dump(cli.config, skip_unset=False)) == without_files(
-        (tmp_path / "printed.yaml").read_text()
-    )
+    assert without_files(cli.parser.dump(cli.config, skip_unset=False)) == without_files(text)
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
     for config in STACKS[name]:
         for entry in yaml.safe_load((CONFIGS / config).read_text()).get("trainer", {}).get("callbacks+", []):

@@ -8,11 +8,10 @@ from lightning.pytorch import Callback
 from torch import nn
 from torchvision import models
 
-from project.cli import cli_main
 from project.errors import UserError
 from project.models import ImageClassifier
 from project.models.nets import MLP, ResNet, SmallCNN, TorchvisionBackbone
-from tests.conftest import CONFIGS, QUIET
+from tests.conftest import CONFIGS, fit
 from tests.formats import write_image_folder
 
 
@@ -36,10 +35,8 @@ def test_nets_map_images_to_logits(net, shape):
 
 
 def test_small_cnn_flatten_head_keeps_where_features_are_and_resnet_blocks_start_as_identity():
-    flat, pooled = (
-        SmallCNN(num_classes=2, width=4, stages=2, head="flatten").eval(),
-        SmallCNN(2, width=4, stages=2).eval(),
-    )
+    flat = SmallCNN(num_classes=2, width=4, stages=2, head="flatten").eval()
+    pooled = SmallCNN(2, width=4, stages=2).eval()
     assert flat.head[-1].in_features == 8 * 7 * 7 and pooled.head[-1].in_features == 8
     left, right = torch.zeros(1, 1, 28, 28), torch.zeros(1, 1, 28, 28)
     left[..., 12:16, 4:8], right[..., 12:16, 16:20] = 1.0, 1.0  # same alignment to the pools, off the borders
@@ -82,9 +79,8 @@ def test_classifier_normalizes_raw_images_itself():
 
 
 def test_parameter_groups_metrics_and_hyperparameters():
-    model = ImageClassifier(
-        SmallCNN(num_classes=11), num_classes=11, class_names=list("abcdefghijk"), label_smoothing=0.1
-    )
+    names = list("abcdefghijk")
+    model = ImageClassifier(SmallCNN(num_classes=11), num_classes=11, class_names=names, label_smoothing=0.1)
     decay, no_decay = model.parameter_groups()
     weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     norms = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
@@ -98,9 +94,8 @@ def test_parameter_groups_metrics_and_hyperparameters():
     assert model.hparams["class_names"] == list("abcdefghijk") and model.hparams["label_smoothing"] == 0.1
     weighted = ImageClassifier(MLP(num_classes=2, input_shape=(1, 2, 2)), num_classes=2, class_weights=[1.0, 3.0])
     logits, y = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 1])
-    torch.testing.assert_close(
-        weighted.criterion(logits, y), nn.functional.cross_entropy(logits, y, weight=torch.tensor([1.0, 3.0]))
-    )
+    expected = nn.functional.cross_entropy(logits, y, weight=torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(weighted.criterion(logits, y), expected)
 
 
 def test_compile_keeps_state_dict_keys():
@@ -139,9 +134,8 @@ class Trainable(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
-            groups = trainer.optimizers[0].param_groups
             trains = {n for n, p in pl_module.backbone.named_parameters() if p.requires_grad}
-            self.epochs.append((trains, [g["lr"] for g in groups]))
+            self.epochs.append((trains, [g["lr"] for g in trainer.optimizers[0].param_groups]))
 
 
 def test_finetune_config_freezes_the_whole_backbone_then_trains_it_slower(tmp_path):
@@ -150,22 +144,12 @@ def test_finetune_config_freezes_the_whole_backbone_then_trains_it_slower(tmp_pa
     parameter groups."""
     root = write_image_folder(tmp_path / "imgs", {"red": 8, "stripes": 8})
     torch.save(models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "weights.pth")
-    cli = cli_main(
-        [
-            f"--config={CONFIGS / 'folder.yaml'}",
-            f"--config={CONFIGS / 'finetune/resnet18.yaml'}",
-            *QUIET,
-            f"--data.init_args.data_dir={root}",
-            "--data.init_args.image_size=32",
-            "--data.init_args.batch_size=8",
-            "--data.init_args.test_split=0.0",
-            "--model.init_args.net.init_args.arch=mobilenet_v3_small",
-            f"--model.init_args.net.init_args.pretrained_weights={tmp_path / 'weights.pth'}",
-            "--trainer.callbacks.init_args.unfreeze_backbone_at_epoch=1",
-            "--trainer.max_epochs=3",
-        ],
-        run=False,
-    )
+    finetune = f"--config={CONFIGS / 'finetune/resnet18.yaml'}"
+    data = ["--data.init_args.image_size=32", "--data.init_args.batch_size=8", "--data.init_args.test_split=0.0"]
+    weights = f"--model.init_args.net.init_args.pretrained_weights={tmp_path / 'weights.pth'}"
+    net = ["--model.init_args.net.init_args.arch=mobilenet_v3_small", weights]
+    trainer = ["--trainer.callbacks.init_args.unfreeze_backbone_at_epoch=1", "--trainer.max_epochs=3"]
+    cli = fit("folder.yaml", root, finetune, *data, *net, *trainer, run=False)
     probe = Trainable()
     cli.trainer.callbacks.append(probe)
     with warnings.catch_warnings(record=True) as caught:
@@ -173,15 +157,10 @@ def test_finetune_config_freezes_the_whole_backbone_then_trains_it_slower(tmp_pa
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert not [w for w in caught if "already exist" in str(w.message)]
     (frozen, lrs0), (trains, lrs1), (_, lrs2) = probe.epochs
+    backbone = cli.model.backbone
     norms = {
-        f"{n}.{p}"
-        for n, m in cli.model.backbone.named_modules()
-        if isinstance(m, nn.BatchNorm2d)
-        for p in ("weight", "bias")
+        f"{n}.{p}" for n, m in backbone.named_modules() if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")
     }
-    assert frozen == norms and trains == {n for n, _ in cli.model.backbone.named_parameters()}
-    assert (
-        len(lrs1) == len(lrs0) + 1
-        and lrs1[-1] == pytest.approx(lrs1[0] * 0.1)
-        and lrs2[-1] == pytest.approx(2 * lrs1[-1])
-    )
+    assert frozen == norms and trains == {n for n, _ in backbone.named_parameters()}
+    assert len(lrs1) == len(lrs0) + 1 and lrs1[-1] == pytest.approx(lrs1[0] * 0.1)
+    assert lrs2[-1] == pytest.approx(2 * lrs1[-1])

@@ -17,10 +17,16 @@ from project.data.batches import InMemory
 from project.errors import UserError
 from tests.conftest import CONFIGS, QUIET, fit
 
+JSONL = f"--config={CONFIGS / 'predict/jsonl.yaml'}"
+
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_predict_with_the_main_config(mnist_root, caplog):
@@ -28,39 +34,21 @@ def test_predict_with_the_main_config(mnist_root, caplog):
     match the model's output, and the command says where the files went."""
     cli = fit("fashion_mnist.yaml", mnist_root, "--trainer.max_epochs=1", "--model.init_args.net.init_args.width=4")
     checkpoint = cli.config_init.fit.checkpoint.best_model_path
-    predicted = cli_main(
-        [
-            "predict",
-            f"--config={CONFIGS / 'fashion_mnist.yaml'}",
-            f"--config={CONFIGS / 'predict/jsonl.yaml'}",
-            f"--data.init_args.data_dir={mnist_root}",
-            *QUIET,
-            f"--ckpt_path={checkpoint}",
-            "--data.init_args.eval_batch_size=64",
-        ]
-    )
+    setup = [f"--config={CONFIGS / 'fashion_mnist.yaml'}", JSONL, f"--data.init_args.data_dir={mnist_root}", *QUIET]
+    predicted = cli_main(["predict", *setup, f"--ckpt_path={checkpoint}", "--data.init_args.eval_batch_size=64"])
     out = Path(predicted.trainer.log_dir)
     assert f"predictions of 200 inputs written to {out / 'predictions.csv'}, {out / 'predictions.jsonl'}" in caplog.text
-    rows, lines = (
-        read_csv(out / "predictions.csv"),
-        [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()],
-    )
+    rows, lines = read_csv(out / "predictions.csv"), read_jsonl(out / "predictions.jsonl")
     order = predicted.datamodule.splits["test"].source.indices  # the in-memory copy of the seeded test order
     assert [int(r["id"]) for r in rows] == order == [r["id"] for r in lines] and sorted(order) == list(range(200))
-    assert list(rows[0]) == ["index", "id", "target", "pred", "prob"] + [
-        f"top{j}_{w}" for j in range(1, 6) for w in ("class", "prob")
-    ]
+    top5 = [f"top{j}_{w}" for j in range(1, 6) for w in ("class", "prob")]
+    assert list(rows[0]) == ["index", "id", "target", "pred", "prob", *top5]
     images, labels = next(iter(predicted.datamodule.predict_dataloader()))
     probs = predicted.model.eval()(images[:3]).softmax(-1).detach()
     names = predicted.datamodule.class_names
-    for i in range(3):
-        assert (
-            lines[i]["pred"] == names[int(probs[i].argmax())] and abs(lines[i]["prob"] - float(probs[i].max())) < 1e-5
-        )
-        assert lines[i]["target"] == names[int(labels[i])] and lines[i]["top_k"][0] == [
-            lines[i]["pred"],
-            lines[i]["prob"],
-        ]
+    for line, p, label in zip(lines[:3], probs, labels[:3], strict=True):
+        assert line["pred"] == names[int(p.argmax())] and abs(line["prob"] - float(p.max())) < 1e-5
+        assert line["target"] == names[int(label)] and line["top_k"][0] == [line["pred"], line["prob"]]
     assert not list(out.glob(".predictions*")), "no partial files left"
 
 
@@ -72,18 +60,13 @@ model:
   init_args:
     net:
       class_path: project.models.nets.SmallCNN
-      init_args:
-        width: 8
+      init_args: {{width: 8}}
     optimizer:
       class_path: torch.optim.AdamW
-      init_args:
-        lr: 0.01
+      init_args: {{lr: 0.01}}
 data:
   class_path: project.data.ImageFolderDataModule
-  init_args:
-    data_dir: {root}
-    image_size: 24
-    batch_size: 16
+  init_args: {{data_dir: {root}, image_size: 24, batch_size: 16}}
 """
 
 
@@ -96,28 +79,20 @@ def test_your_own_images_with_one_yaml_train_and_predict(image_root, tmp_path):
     assert run_dir.parent.name == "image_folder" and float(cli.trainer.callback_metrics["val/acc"]) >= 0.8  # chance 1/3
     best = cli.config_init.fit.checkpoint.best_model_path
     assert torch.load(best, weights_only=True)["hyper_parameters"]["class_names"] == ["disk", "red", "stripes"]
-    predicted = cli_main(["predict", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={best}"])
+    config = f"--config={run_dir / 'config.yaml'}"
+    predicted = cli_main(["predict", config, f"--ckpt_path={best}"])
     rows = read_csv(Path(predicted.trainer.log_dir) / "predictions.csv")
-    assert (
-        sorted(r["id"] for r in rows) == sorted(p for p, _ in predicted.datamodule.samples["test"]) and len(rows) == 12
-    )
+    assert sorted(r["id"] for r in rows) == sorted(p for p, _ in predicted.datamodule.samples["test"])
+    assert len(rows) == 12
     assert all(Path(r["id"]).parent.name == r["target"] for r in rows)
     assert sum(r["pred"] == r["target"] for r in rows) >= 9 and all(r["pred"] == r["top1_class"] for r in rows)
     unlabelled = tmp_path / "new" / "any"  # the test images again, without labels, in a folder tree of their own
     unlabelled.mkdir(parents=True)
     for i, r in enumerate(rows):
         shutil.copy(r["id"], unlabelled / f"{i:02d}.png")
-    again = cli_main(
-        [
-            "predict",
-            f"--config={run_dir / 'config.yaml'}",
-            f"--config={CONFIGS / 'predict/jsonl.yaml'}",
-            f"--ckpt_path={best}",
-            f"--data.init_args.predict_dir={unlabelled}",
-        ]
-    )
+    again = cli_main(["predict", config, JSONL, f"--ckpt_path={best}", f"--data.init_args.predict_dir={unlabelled}"])
     out = Path(again.trainer.log_dir)
-    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    lines = read_jsonl(out / "predictions.jsonl")
     assert sorted(x["id"] for x in lines) == sorted(str(p) for p in unlabelled.iterdir())
     assert all(x["target"] is None for x in lines) and {r["target"] for r in read_csv(out / "predictions.csv")} == {""}
     assert [x["pred"] for x in sorted(lines, key=lambda x: x["id"])] == [r["pred"] for r in rows]
@@ -125,31 +100,27 @@ def test_your_own_images_with_one_yaml_train_and_predict(image_root, tmp_path):
 
 def test_rows_merged_from_padded_ranks_keep_each_input_once(tmp_path):
     per_rank = [[{"index": i} for i in indices] for indices in ([0, 3, 6], [1, 4, 0], [2, 5, 1])]  # 2 padded repeats
-    rows = [
-        {**r, "id": f"img{r['index']}.png", "target": None, "pred": "a", "prob": 0.9, "top_k": [["a", 0.9]]}
-        for r in merge_rows(per_rank)
-    ]
+    predicted = {"target": None, "pred": "a", "prob": 0.9, "top_k": [["a", 0.9]]}
+    rows = [{**r, "id": f"img{r['index']}.png", **predicted} for r in merge_rows(per_rank)]
     (path,) = PredictionWriter(formats=["csv"], top_k=1).write(rows, tmp_path)
     assert [r["id"] for r in read_csv(path)] == [f"img{i}.png" for i in range(7)]
 
 
-class Files(torch.utils.data.Dataset):
-    """A stand-in for ImageFiles: the file of each sample in ``samples``."""
-
-    def __init__(self, n: int) -> None:
-        self.samples = [(f"img{i}.png", i % 3) for i in range(n)]
+def one_batch(writer: PredictionWriter, trainer, model, outputs, batch) -> None:
+    writer.on_predict_epoch_start(trainer, model)
+    writer.write_on_batch_end(trainer, model, outputs, None, batch, 0, 0)
+    writer.on_predict_epoch_end(trainer, model)
 
 
 def test_writer_rows_are_the_model_outputs_named_per_input_file(tmp_path, caplog, monkeypatch):
     """The writer itself, with a stand-in trainer: logits or probabilities in, per input its file (through a Subset
     and an in-memory copy), target (none for -1), predicted class, its probability and the top-k, rounded to 6
     places; a loader whose sampler Lightning cannot track numbers the inputs in order (one process only)."""
-    files = Files(5)
+    files = SimpleNamespace(samples=[(f"img{i}.png", i % 3) for i in range(5)])  # ImageFiles: each sample's file
     order = Subset(files, [3, 1, 4, 0, 2])
     dataset = InMemory(torch.zeros(5, 1, 1, 1, dtype=torch.uint8), torch.tensor([0, 2, 1, -1, 0]), source=order)
-    trainer = SimpleNamespace(
-        world_size=1, predict_dataloaders=[DataLoader(dataset)], is_global_zero=True, log_dir=str(tmp_path)
-    )
+    loader = DataLoader(dataset)
+    trainer = SimpleNamespace(world_size=1, predict_dataloaders=[loader], is_global_zero=True, log_dir=str(tmp_path))
     model = SimpleNamespace(class_names=["a", "b", "c", "d"])
     probs = torch.tensor(
         [
@@ -175,23 +146,17 @@ def test_writer_rows_are_the_model_outputs_named_per_input_file(tmp_path, caplog
         (4, "img2.png", "a", [["a", 0.4], ["d", 0.3]]),
     ]
     assert writer.written == [tmp_path / "predictions.csv", tmp_path / "predictions.jsonl"]
-    lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert lines == [
+    assert read_jsonl(tmp_path / "predictions.jsonl") == [
         {"index": i, "id": f, "target": t, "pred": k[0][0], "prob": k[0][1], "top_k": k} for i, f, t, k in expected
     ]
+    header = ["index", "id", "target", "pred", "prob", "top1_class", "top1_prob", "top2_class", "top2_prob"]
+    body = [[str(i), f, t or "", k[0][0], str(k[0][1]), *(str(v) for p in k for v in p)] for i, f, t, k in expected]
     with open(tmp_path / "predictions.csv", newline="") as text:
-        assert list(csv.reader(text)) == [
-            ["index", "id", "target", "pred", "prob", "top1_class", "top1_prob", "top2_class", "top2_prob"]
-        ] + [
-            [str(i), f, t or "", k[0][0], str(k[0][1]), *(str(v) for pair in k for v in pair)]
-            for i, f, t, k in expected
-        ]
+        assert list(csv.reader(text)) == [header, *body]
     default = PredictionWriter()  # CSV only, the top 3
     (tmp_path / "default").mkdir()
     trainer.log_dir = str(tmp_path / "default")
-    default.on_predict_epoch_start(trainer, model)
-    default.write_on_batch_end(trainer, model, {"probs": probs}, None, torch.zeros(5, 3), 0, 0)  # images, no labels
-    default.on_predict_epoch_end(trainer, model)
+    one_batch(default, trainer, model, {"probs": probs}, torch.zeros(5, 3))  # images, no labels
     assert default.written == [tmp_path / "default" / "predictions.csv"]
     rows = read_csv(default.written[0])
     assert [r["target"] for r in rows] == [""] * 5 and "top4_class" not in rows[-1]
@@ -205,21 +170,12 @@ def test_writer_rows_are_the_model_outputs_named_per_input_file(tmp_path, caplog
     trainer.world_size = 2
     default.write_on_batch_end(trainer, model, {"probs": probs}, [0, 1, 2, 3, 4], torch.zeros(5, 3), 0, 0)
     default.on_predict_epoch_end(trainer, model)
-    assert [r["id"] for r in read_csv(default.written[0])] == [
-        "img3.png",
-        "img1.png",
-        "img4.png",
-        "img0.png",
-        "img2.png",
-        "other5",
-        "other6",
-    ]
+    ids = [f"img{i}.png" for i in (3, 1, 4, 0, 2)]
+    assert [r["id"] for r in read_csv(default.written[0])] == [*ids, "other5", "other6"]
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # no logger (no log_dir) and no output_dir: the current folder
     trainer.world_size, trainer.log_dir = 1, None
-    default.on_predict_epoch_start(trainer, model)
-    default.write_on_batch_end(trainer, model, {"probs": probs}, None, torch.zeros(5, 3), 0, 0)
-    default.on_predict_epoch_end(trainer, model)
+    one_batch(default, trainer, model, {"probs": probs}, torch.zeros(5, 3))
     assert [p.name for p in (tmp_path / "cwd").iterdir()] == ["predictions.csv"]
     trainer.world_size = 2  # DDP: without the sampler's indices the rows of the ranks cannot be merged
     with pytest.raises(UserError, match="predict under DDP needs a DataLoader with a sampler Lightning can track"):
@@ -227,7 +183,5 @@ def test_writer_rows_are_the_model_outputs_named_per_input_file(tmp_path, caplog
     not_a_classifier = SimpleNamespace()  # no class_names: nothing written, and it says so
     (tmp_path / "other").mkdir()
     trainer.world_size, trainer.log_dir = 1, str(tmp_path / "other")
-    writer.on_predict_epoch_start(trainer, not_a_classifier)
-    writer.write_on_batch_end(trainer, not_a_classifier, probs, None, (None, torch.zeros(5, dtype=torch.long)), 0, 0)
-    writer.on_predict_epoch_end(trainer, not_a_classifier)
+    one_batch(writer, trainer, not_a_classifier, probs, (None, torch.zeros(5, dtype=torch.long)))
     assert "SimpleNamespace is not one, so none are written" in caplog.text and not list((tmp_path / "other").iterdir())
