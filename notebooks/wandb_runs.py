@@ -54,9 +54,9 @@ def wait_for_exit(path: Path, wait: float) -> None:
 
 
 def read_wandb_run(path: Path, wait: float = 120.0) -> dict[str, Any]:
-    """The W&B run in ``path`` (a run folder, or a ``.wandb`` file): id, name, git commit, config, summary, history
-    rows in order, artifacts. A run folder must hold exactly one W&B run. Waits up to ``wait`` seconds for the run to be
-    finished on disk (0: read a run in progress, or a killed one, as it is)."""
+    """The W&B run in ``path`` (a run folder, or a ``.wandb`` file): id, name, project, group, tags, notes, git
+    commit, config, summary, history rows in order, artifacts. A run folder must hold exactly one W&B run. Waits up
+    to ``wait`` seconds for the run to be finished on disk (0: read a run in progress, or a killed one, as it is)."""
     path = Path(path)
     files = [path] if path.suffix == ".wandb" else sorted(path.glob("wandb/*run-*/run-*.wandb"))
     assert len(files) == 1, f"expected one W&B run in {path}, found {len(files)}"
@@ -66,7 +66,9 @@ def read_wandb_run(path: Path, wait: float = 120.0) -> dict[str, Any]:
     for record in records(files[0]):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run |= {"id": record.run.run_id, "name": record.run.display_name, "commit": record.run.git.commit}
+            r = record.run
+            run |= {"id": r.run_id, "name": r.display_name, "commit": r.git.commit, "project": r.project}
+            run |= {"group": r.run_group, "tags": list(r.tags), "notes": r.notes}
         elif kind in ("config", "summary"):
             for item in getattr(record, kind).update:
                 apply(run[kind], item)

@@ -19,6 +19,7 @@ from tests.conftest import CONFIGS, QUIET, ROOT, fails, run_module
 
 FAKE_KEY = "local-" + "f4ke" * 10  # planted: must appear in no file written
 SMALL = [*QUIET, "--model.init_args.net.init_args.width=4", "--data.init_args.batch_size=50"]
+BRIEF = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,21 +35,19 @@ def fit_args(root: Path, *extra: str) -> list[str]:
 def test_fit_then_test_offline_run_read_back(mnist_root, tmp_path, monkeypatch):
     """2 epochs + `test` from the checkpoint, logged offline; everything promised is read back from disk."""
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
-    cli = cli_main(
-        fit_args(
-            mnist_root,
-            "--trainer.max_epochs=2",
-            "--wandb_watch.log=all",
-            "--wandb_watch.log_freq=2",
-            "--wandb_media.num_samples=8",
-            "--trainer.logger.init_args.log_model=true",
-            "--trainer.logger.init_args.tags=[smoke,cpu]",
-            "--test_after_fit=false",
-        )
-    )
+    media = ["--wandb_watch.log=all", "--wandb_watch.log_freq=2", "--wandb_media.num_samples=8"]
+    logger = ["--trainer.logger.init_args.log_model=true", "--trainer.logger.init_args.tags=[smoke,cpu]"]
+    logger += ["--trainer.logger.init_args.group=baseline", "--trainer.logger.init_args.notes=first try"]
+    cli = cli_main(fit_args(mnist_root, "--trainer.max_epochs=2", *media, *logger, "--test_after_fit=false"))
     run_dir = Path(cli.trainer.log_dir)
     run = read_wandb_run(run_dir)
     assert run_dir == Path("runs/fashion_mnist/version_0") and run["name"] == "fashion_mnist"
+    assert (run["project"], run["group"], run["tags"], run["notes"]) == (
+        "image-classification",
+        "baseline",
+        ["smoke", "cpu"],
+        "first try",
+    )
     config = run["config"]  # the full resolved config, nested, plus git state
     assert config["model"]["init_args"]["net"]["init_args"]["width"] == 4 and config["seed_everything"] == 42
     assert config["data"]["init_args"]["batch_size"] == 50 and config["trainer"]["max_epochs"] == 2
@@ -74,9 +73,8 @@ def test_fit_then_test_offline_run_read_back(mnist_root, tmp_path, monkeypatch):
     logged = [a["metadata"]["original_filename"] for a in run["artifacts"] if a["type"] == "model"]
     assert logged == [best]  # last.ckpt stays local
     assert models["best"]["files"] == {"model.ckpt"}
-    tested = cli_main(
-        ["test", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={run_dir / 'checkpoints/last.ckpt'}"]
-    )
+    last = run_dir / "checkpoints/last.ckpt"
+    tested = cli_main(["test", f"--config={run_dir / 'config.yaml'}", f"--ckpt_path={last}"])
     test_run = read_wandb_run(Path(tested.trainer.log_dir))
     assert test_run["id"] != run["id"] and "test/confusion_matrix_table" in test_run["summary"]
     assert test_run["summary"]["test/acc"] == pytest.approx(float(tested.trainer.callback_metrics["test/acc"]))
@@ -98,15 +96,7 @@ def test_a_resumed_fit_continues_the_same_run(mnist_root):
 def test_watched_runs_in_one_process_log_gradients_under_the_same_names(mnist_root):
     """wandb numbers watched models per process: without idx=0 the second run logged "gradients/graph_1net..."."""
     for _ in range(2):
-        cli = cli_main(
-            fit_args(
-                mnist_root,
-                "--trainer.max_epochs=1",
-                "--trainer.limit_train_batches=3",
-                "--trainer.limit_val_batches=1",
-                "--wandb_watch.log_freq=1",
-            )
-        )
+        cli = cli_main(fit_args(mnist_root, *BRIEF, "--trainer.limit_train_batches=3", "--wandb_watch.log_freq=1"))
         keys = {k for row in read_wandb_run(Path(cli.trainer.log_dir))["history"] for k in row if k.startswith("grad")}
         assert all(k.startswith("gradients/net.") for k in keys), keys
         assert any(k.startswith("gradients/net.head.") for k in keys), keys
@@ -123,18 +113,8 @@ def sync_line(done: subprocess.CompletedProcess) -> str:
 
 
 def test_no_credentials_no_tty_goes_offline_and_says_how_to_sync(mnist_root, tmp_path):
-    done = run_module(
-        "project",
-        *fit_args(
-            mnist_root,
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--test_after_fit=true",
-        ),
-        cwd=tmp_path,
-        **no_wandb_environment(tmp_path),
-    )
+    args = fit_args(mnist_root, *BRIEF, "--test_after_fit=true")
+    done = run_module("project", *args, cwd=tmp_path, **no_wandb_environment(tmp_path))
     run = read_wandb_run(tmp_path / "runs" / "fashion_mnist" / "version_0")
     assert sync_line(done).endswith(f"(no W&B credentials found); upload it with: wandb sync {run['dir'].resolve()}")
     assert "test/acc" in run["summary"], "test_after_fit logs into the same run"
@@ -163,25 +143,12 @@ def test_a_server_slower_than_the_timeout_sends_the_run_offline(mnist_root, tmp_
     """A key, and a W&B server (loopback) that answers only after 4 s while the logger's timeout is 1 s (the
     default is 5): the run goes offline after one check, says why, and `wandb sync` can upload it later. A check
     that waited longer, or had no timeout, would get the answer and go online."""
-    server, requests = socket.socket(), []
-    server.bind(("127.0.0.1", 0))
-    server.listen()
+    server, requests = socket.create_server(("127.0.0.1", 0)), []
     threading.Thread(target=serve_slowly, args=(server, 4.0, requests), daemon=True).start()
     url = f"http://127.0.0.1:{server.getsockname()[1]}"
     env = {**no_wandb_environment(tmp_path), "WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": url}
-    done = run_module(
-        "project",
-        *fit_args(
-            mnist_root,
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.logger.init_args.timeout=1",
-        ),
-        cwd=tmp_path,
-        timeout=100,
-        **env,
-    )
+    args = fit_args(mnist_root, *BRIEF, "--trainer.logger.init_args.timeout=1")
+    done = run_module("project", *args, cwd=tmp_path, timeout=100, **env)
     server.close()
     line = sync_line(done)
     assert f"({url} did not answer: timed out)" in line and "credentials found" not in line
@@ -203,15 +170,7 @@ def test_mode_follows_the_logger_then_the_environment_then_credentials(tmp_path,
 
 def test_disabled_mode_trains_and_writes_no_wandb_files(mnist_root, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cli = cli_main(
-        fit_args(
-            mnist_root,
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--test_after_fit=true",
-        )
-    )
+    cli = cli_main(fit_args(mnist_root, *BRIEF, "--test_after_fit=true"))
     run_dir = Path(cli.trainer.log_dir)
     assert "test/acc" in cli.trainer.callback_metrics and (run_dir / "checkpoints" / "last.ckpt").is_file()
     written = [p for p in Path.cwd().rglob("*") if "wandb" in p.name or p.name.startswith("run-")]
