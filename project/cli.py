@@ -179,7 +179,8 @@ class CLI(LightningCLI):
             require(not path or writable(Path(path)), f"cannot write to {path}: set {flag} to a writable folder")
         # Lightning's hparams dump drops a net's init_args when all of them are linked (num_classes, input_shape),
         # then fails to fill the links in ("Expected key net.init_args.num_classes to be in data"): keep it a dict.
-        dump = self.parser.dump(self.config, skip_link_targets=False, skip_unset=False, skip_validation=True)  # parsed
+        # skip_validation: the config was validated when parsed, just now
+        dump = self.parser.dump(self.config, skip_link_targets=False, skip_unset=False, skip_validation=True)
         dump = yaml.safe_load(dump)
         self.config_dump = dump[self.subcommand] if self.subcommand else dump
         if isinstance(self.config_dump["model"].get("init_args", {}).get("net"), dict):
