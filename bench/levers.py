@@ -25,7 +25,7 @@ from common import (
     save,
     spread,
 )
-from overhead import parameter_groups, training_batches
+from overhead import training_batches
 
 NAME, TITLE = "levers", "Levers"
 CONFIG = "configs/fashion_mnist.yaml"
@@ -64,6 +64,7 @@ class Variant:
     def __init__(self, change: dict[str, Any], batches: Any) -> None:
         import torch
 
+        from project.models.classifier import parameter_groups
         from project.models.nets import SmallCNN
 
         net_args, opt_args, _ = recipe()

@@ -66,19 +66,11 @@ def training_batches(data_args: dict):
             yield x, y
 
 
-def parameter_groups(net) -> list[dict]:
-    """As ImageClassifier.parameter_groups: no weight decay on biases and norm weights."""
-    params = list(net.parameters())
-    return [
-        {"params": [p for p in params if p.ndim > 1]},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-
-
 def plain(steps: int, warmup: int) -> None:
     import torch
     import yaml
 
+    from project.models.classifier import parameter_groups  # the template's own grouping, as fit uses it
     from project.models.nets import SmallCNN
 
     config = yaml.safe_load((ROOT / CONFIG).read_text())

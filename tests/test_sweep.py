@@ -143,7 +143,7 @@ def test_sweep_processes_sharing_a_journal_count_and_start_trials_one_at_a_time(
     waits, so together they never start a trial too many nor a grid point twice. (Trials are asked, not run.)"""
     sweep = space.load(write_sweep(here, "shared", {LR: {"values": [0.1, 0.2]}}))
     spec, summary = str(here / "shared.journal"), {"metric": "val/acc", "pruner": None, "search": "", "fit": []}
-    first, second = (Search(sweep, *open_study(sweep, "shared", spec, summary, None), spec, here, 2) for _ in "12")
+    first, second = (Search(sweep, *open_study(sweep, "shared", spec, summary, None), spec, here, 2) for _ in range(2))
     asked = []
     monkeypatch.setattr(Search, "start", lambda self: asked.append(self.study.ask(self.distributions).params[LR]))
     with first.counting_alone():

@@ -20,6 +20,15 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from project.errors import UserError, require
 
 
+def parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """Weight decay only on weights with ndim > 1 (convs, linears), not on biases and norm scales."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim > 1]},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
 
@@ -182,12 +191,7 @@ class ImageClassifier(LightningModule):
         return {"preds": probs.argmax(dim=-1), "probs": probs}
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weight decay only on weights with ndim > 1 (convs, linears), not on biases and norm scales."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ]
+        return parameter_groups(self)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameter_groups())
