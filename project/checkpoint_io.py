@@ -1,11 +1,5 @@
-"""Checkpoint files that are safe to write and safe to read; the CLI hands this to ``Trainer(plugins=[...])``.
-
-- Written to a temporary name in the same folder, fsynced, then renamed: a kill, a power cut or a full disk never
-  leaves a truncated file under the real name (Lightning's own save renames too, but does not fsync first).
-- Never written with non-finite weights: NaN/inf weights stop the run instead of replacing a good checkpoint.
-- Always read with ``weights_only=True``: loading a checkpoint never runs code from it, whatever
-  ``--weights_only`` or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say.
-"""
+"""Checkpoints written atomically (fsynced, then renamed) and never with NaN/inf weights, and always read
+``weights_only`` whatever ``--weights_only`` or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say."""
 
 import os
 import pickle
@@ -14,7 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from project.errors import UserError
+from project.errors import UserError, require
 from project.files import atomic_write
 
 
@@ -39,8 +33,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if self.loaded is not None and self.loaded[0] == str(path):  # read once already (by the CLI): hand it over
             checkpoint, self.loaded = self.loaded[1], None
             return checkpoint
-        if not os.path.isfile(path) and "://" not in str(path):
-            raise UserError(f"checkpoint not found: {path}")
+        require(os.path.isfile(path) or "://" in str(path), f"checkpoint not found: {path}")
         try:
             if self.mmap:
                 checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
@@ -66,6 +59,5 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """A checkpoint as plain data (weights-only, on the CPU; ``mmap``: tensors read lazily); one-line error for a
-    missing, damaged or hostile file."""
+    """A checkpoint as plain data on the CPU; a one-line error for a missing, damaged or hostile file."""
     return SafeCheckpointIO(mmap).load_checkpoint(path)

@@ -1,5 +1,4 @@
-"""The command line: ``python -m project fit|validate|test|predict --config ...``, a LightningCLI for any
-LightningModule and LightningDataModule."""
+"""``python -m project fit|validate|test|predict --config ...``: a LightningCLI for any LightningModule and data."""
 
 import inspect
 import logging
@@ -29,7 +28,7 @@ from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvi
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from project.callbacks.interrupt import GracefulInterrupt, slurm_job_id
+from project.callbacks.interrupt import GracefulInterrupt, hpc_checkpoints, slurm_job_id
 from project.callbacks.nan_guard import NonFiniteGuard
 from project.callbacks.prediction_writer import PredictionWriter
 from project.callbacks.progress import EpochProgressBar
@@ -41,12 +40,8 @@ from project.errors import OneLineErrors, UserError, did_you_mean, exit_on_user_
 from project.loggers import SaveConfigCallback, WandbLogger, next_run_dir
 from project.precision import CPUBf16WhereNative
 
-LINKS = [  # what the data decides, never typed twice; a model or net without such an argument is left alone
-    ("num_classes", "model.init_args.num_classes"),
-    ("class_names", "model.init_args.class_names"),
-    ("image_shape", "model.init_args.image_shape"),
-    ("mean", "model.init_args.mean"),
-    ("std", "model.init_args.std"),
+# what the data decides, never typed twice; a model or net without such an argument is left alone
+LINKS = [(name, f"model.init_args.{name}") for name in ("num_classes", "class_names", "image_shape", "mean", "std")] + [
     ("num_classes", "model.init_args.net.init_args.num_classes"),
     ("image_shape", "model.init_args.net.init_args.input_shape"),
 ]
@@ -75,7 +70,7 @@ class ArgumentParser(OneLineErrors, LightningArgumentParser):
     """LightningCLI's parser: one-line errors, ``usage: python -m project``, and help in this project's words."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("prog", "python -m project")
+        kwargs.setdefault("prog", "python -m project")  # also in the parsers jsonargparse makes for --*.help
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args: Any, **kwargs: Any) -> Any:
@@ -90,8 +85,7 @@ class ArgumentParser(OneLineErrors, LightningArgumentParser):
 
 
 class CLI(LightningCLI):
-    """LightningCLI with the data's facts filled into the model, best and last checkpoints, run folders under
-    ``trainer.default_root_dir``, a checkpoint read once, and checks of every input before any work starts."""
+    """LightningCLI with the data's facts linked into the model, best and last checkpoints, inputs checked first."""
 
     checkpoint: dict[str, Any] | None = None  # the one read of --ckpt_path (tensors memory-mapped)
 
@@ -101,11 +95,10 @@ class CLI(LightningCLI):
             fact.__name__ = f"checkpoint_or_data.{name}"  # shown by --help
             parser.link_arguments("data", target, fact, apply_on="instantiate")
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
-        # Accepted by every subcommand, so a fit run's saved config.yaml works for validate/test/predict as is.
+        # in every subcommand: a fit run's saved config.yaml works for validate/test/predict as is
         parser.add_argument("--test_after_fit", type=bool, default=False, help="fit: then test the best checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # last.ckpt after every epoch, as the checkpoint with the highest step: Lightning refreshes a monitored
-        # ModelCheckpoint's save_last only on a new best
+        # last.ckpt every epoch as the highest step: a monitored ModelCheckpoint's save_last waits for a new best
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
@@ -135,7 +128,8 @@ class CLI(LightningCLI):
             config.ckpt_path = last_checkpoint_of_run(config.get("config") or [], config.last_checkpoint.dirpath)
         path = config.get("ckpt_path")
         if self.config.subcommand == "fit" and path is None and SLURMEnvironment.detect():
-            path = newest_hpc_checkpoint(Path(config.trainer.default_root_dir or "."))  # Lightning resumes from it
+            saved = hpc_checkpoints(Path(config.trainer.default_root_dir or "."))
+            path = saved[max(saved)] if saved else None  # the newest, which Lightning resumes from
         if path and str(path) not in ("best", "hpc", "registry") and "://" not in str(path):
             near = [str(p) for p in Path(path).parent.glob("*.ckpt")]
             require(Path(path).is_file(), f"--ckpt_path {path}: no such file{did_you_mean(str(path), near)}")
@@ -149,8 +143,7 @@ class CLI(LightningCLI):
             )
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's own override of the model config by the checkpoint's hyperparameters, from the checkpoint
-        already read (private in Lightning; its version reads the whole file once more)."""
+        """Lightning's (private) override of the model config by the checkpoint's hyperparameters, from the one read."""
         hparams = dict((self.checkpoint or {}).get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if hparams and "_class_path" in hparams:  # written through this CLI: class and arguments
@@ -177,9 +170,8 @@ class CLI(LightningCLI):
             ("--prediction_writer.output_dir", config.prediction_writer.output_dir),
         ]:
             require(not path or writable(Path(path)), f"cannot write to {path}: set {flag} to a writable folder")
-        # Lightning's hparams dump drops a net's init_args when all of them are linked (num_classes, input_shape),
-        # then fails to fill the links in ("Expected key net.init_args.num_classes to be in data"): keep it a dict.
-        # skip_validation: the config was validated when parsed, just now
+        # Lightning's hparams dump drops a net's init_args when all are linked, then fails to fill the links in
+        # ("Expected key net.init_args.num_classes to be in data"): keep it a dict. Validated when parsed, just now.
         dump = self.parser.dump(self.config, skip_link_targets=False, skip_unset=False, skip_validation=True)
         dump = yaml.safe_load(dump)
         self.config_dump = dump[self.subcommand] if self.subcommand else dump
@@ -191,8 +183,7 @@ class CLI(LightningCLI):
             config.checkpoint.filename = f"epoch={{epoch:03d}}-{name}={{{monitor}:.4f}}"
 
     def fact(self, name: str, target: str, data: LightningDataModule) -> Any:
-        """The value of a link: what the checkpoint being loaded says (predicting with a checkpoint needs no training
-        data), else the data module's attribute ``name``."""
+        """A link's value: the loaded checkpoint's (predict needs no training data), else the data module's."""
         saved = (self.checkpoint or {}).get("hyper_parameters") or {}
         *owner, key = target.removeprefix("model.init_args.").split(".init_args.")
         if owner:  # the net's config: {class_path, init_args}
@@ -214,7 +205,6 @@ class CLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = config["trainer"]
-        # safe checkpoint IO (atomic, finite, weights-only) unless the user brought their own
         plugins = trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -260,8 +250,7 @@ class CLI(LightningCLI):
 
 
 class FailedRunCleanup(Callback):
-    """A command that fails before its first training step leaves no run folder behind: its config.yaml and the
-    W&B run of a command that did nothing are removed (by :func:`cli_main`, once the loggers are closed)."""
+    """A command that fails before its first training step leaves no run folder (config.yaml, W&B run) behind."""
 
     def __init__(self) -> None:
         self.trained, self.folders = False, []
@@ -280,10 +269,8 @@ class FailedRunCleanup(Callback):
 
 
 class TakenLinks:
-    """Instantiates the model as Lightning's CLI does (its config becomes the hyperparameters), telling Lightning
-    only the links the model or its net takes: Lightning records every link in the hyperparameters, also those
-    jsonargparse skipped because there is no such argument (``num_classes`` of an autoencoder), and a checkpoint with
-    such a key no longer loads."""
+    """Lightning's model instantiator, told only the links the model or its net takes: Lightning would record in the
+    hyperparameters also those with no such argument (an autoencoder's ``num_classes``), and the checkpoint not load."""
 
     def __init__(self, cli: LightningCLI) -> None:
         self.lightning = _InstantiatorFn(cli=cli, key="model")  # private: Lightning's instantiator of the model
@@ -327,22 +314,13 @@ def run_name(data_class_path: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
-def newest_hpc_checkpoint(folder: Path) -> Path | None:
-    """The ``hpc_ckpt_<N>.ckpt`` with the highest N in ``folder``, which Lightning resumes a requeued SLURM job from."""
-    saved = [(int(m[1]), p) for p in folder.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)", p.stem))]
-    return max(saved)[1] if saved else None
-
-
 def last_checkpoint_of_run(config_files: Sequence[Any], dirpath: str | None = None) -> str:
     """``last.ckpt`` in ``--last_checkpoint.dirpath`` when given, else next to the run's saved ``config.yaml`` among
     ``config_files`` (the last wins): ``python -m project fit -c runs/mnist/version_0/config.yaml --ckpt_path last``."""
     paths = [Path(str(f)) for f in config_files]
-    for candidate in [
-        Path(dirpath or "-") / "last.ckpt",
-        *(f.parent / "checkpoints" / "last.ckpt" for f in reversed(paths)),
-    ]:
-        if candidate.is_file():
-            return str(candidate)
+    folders = [Path(dirpath or "-"), *(f.parent / "checkpoints" for f in reversed(paths))]
+    if found := next((f / "last.ckpt" for f in folders if (f / "last.ckpt").is_file()), None):
+        return str(found)
     raise UserError(
         f"--ckpt_path last: no checkpoints/last.ckpt next to the given configs"
         f" ({', '.join(map(str, paths)) or 'none'}); pass the run's own config, e.g."
@@ -355,28 +333,26 @@ def no_advertisement(record: logging.LogRecord) -> bool:
 
 
 def quiet() -> None:
-    """Silence the console lines that look like problems but are not, here and only here."""
+    """Silence the console lines that look like problems but are not."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_advertisement)  # added once
-    # torch deprecates isinstance(spec, LeafSpec), which Lightning still calls on every batch transfer
+    # Lightning calls isinstance(spec, LeafSpec), deprecated by torch, on every batch transfer
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
-    # SLURM's srun is installed but this run is not under SLURM: Lightning warns on every start
-    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
-    # test, predict or a resumed fit from another run's checkpoint: this run's checkpoints go to its own version
-    # folder, so Lightning's checkpoint callbacks start a top-k of their own there, as intended
-    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
-    # cli_main(args) from a test or a notebook: the host process has arguments of its own
-    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    for message in (
+        r"The `srun` command is available on your system but is not used",  # srun installed, this run not under it
+        r"The dirpath has changed from",  # a run from another run's checkpoint: its own folder and top-k, as intended
+        r"LightningCLI's args parameter is intended to run from within Python",  # cli_main(args) in tests, notebooks
+    ):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def default_root_dir() -> str:
-    """``runs``; under SLURM ``runs/slurm-<job id>``: a folder per job that a requeued job finds again, and where no
-    other job finds the checkpoint Lightning resumes a SLURM job from (its ``hpc_ckpt_<N>.ckpt``)."""
+    """``runs``; under SLURM ``runs/slurm-<job id>``, where a requeued job, and no other, finds its hpc_ckpt_<N>."""
     return f"runs/slurm-{slurm_job_id()}" if SLURMEnvironment.detect() else "runs"
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> CLI:
-    """Entry point of ``python -m project``; tests call it in-process with ``args``. Errors the user can fix end as
-    one ``error: ...`` line and exit code 2 (``--debug`` or ``PROJECT_DEBUG=1``: the traceback instead)."""
+    """``python -m project``: errors the user can fix end as one ``error: ...`` line, exit code 2 (``--debug`` or
+    ``PROJECT_DEBUG=1``: the traceback)."""
     argv = list(sys.argv[1:] if args is None else args)
     if args is None:  # LightningCLI reads sys.argv itself
         sys.argv[1:] = [a for a in argv if a != "--debug"]

@@ -1,9 +1,5 @@
-"""Errors a user can fix, and the one place they reach the terminal: ``error: <what is wrong; how to fix it>``.
-
-``python -m project`` and the tools run inside :func:`exit_on_user_error`: a :class:`UserError`, a bad argument, a
-full or read-only disk and the few library errors in :func:`one_line` become that one line and exit code 2;
-anything else is a bug and keeps its traceback. ``--debug`` or ``PROJECT_DEBUG=1`` shows every traceback.
-"""
+"""Errors a user can fix, printed as one line ``error: <what is wrong; how to fix it>`` with exit code 2; anything
+else is a bug and keeps its traceback (``--debug`` or ``PROJECT_DEBUG=1``: every traceback)."""
 
 import difflib
 import errno

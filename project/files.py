@@ -9,9 +9,8 @@ from typing import IO, Any
 
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_args: Any) -> Iterator[IO]:
-    """Open a temporary file beside ``path`` for writing; when the block ends without an error it is flushed to
-    disk and renamed to ``path`` (a kill, a power cut or a full disk never leaves a partial file under the real
-    name, and the previous file stays until then); on an error it is removed."""
+    """A temporary file beside ``path``, fsynced and renamed to ``path`` when the block ends without an error (never a
+    partial file under the real name), else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")

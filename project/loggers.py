@@ -1,19 +1,5 @@
-"""Weights & Biases for the CLI: never waits on a network it cannot reach, one folder per run, the full config and
-the state of the code in the run, and a resumed fit continuing the same run.
-
-``WandbLogger`` is Lightning's logger (same arguments; ``**kwargs`` reach ``wandb.init``) with four changes:
-
-- **mode**: ``mode`` if given, else ``WANDB_MODE``, else ``online`` when an API key exists (``WANDB_API_KEY`` or a
-  netrc entry) and ``offline`` when not. Before going online the server must answer within ``timeout`` seconds,
-  else the run is written offline (``wandb sync`` uploads it later) and the last line says why.
-- **folders**: each run gets ``<save_dir>/<name>/version_<N>/`` like the CSV logger; W&B's files, the resolved
-  ``config.yaml`` and ``checkpoints/`` all live in it.
-- **one run id from the start** (``id``, or a new one, with ``resume="allow"``): a fit resumed from a checkpoint
-  gets the checkpoint's id from the CLI (``project.callbacks.wandb.WandbRunId`` writes it), and a run finished at a
-  SLURM requeue signal that could not requeue goes on as the same run.
-- **config**: the full resolved CLI config, plus whether the code differs from its commit (wandb records the
-  commit itself); model artifacts are Lightning's ``log_model``, of the monitored checkpoints.
-"""
+"""Weights & Biases for the CLI: never waits on an unreachable network, one folder per run, the full config and code
+state in the run, and a resumed fit continuing the same run."""
 
 import hashlib
 import json
@@ -61,8 +47,8 @@ def resolve_mode(mode: str | None = None) -> tuple[Mode, str]:
     aliases = {"dryrun": "offline", "run": "online"}
     if mode:
         return aliases.get(mode, mode), f"--trainer.logger.init_args.mode {mode}"
-    if os.environ.get("WANDB_MODE"):
-        return aliases.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"]), f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    if env := os.environ.get("WANDB_MODE"):
+        return aliases.get(env, env), f"WANDB_MODE={env}"
     return ("online", "credentials found") if has_credentials() else ("offline", "no W&B credentials found")
 
 
@@ -86,8 +72,7 @@ def git(*args: str) -> str | None:
 
 
 def code_state() -> dict[str, Any]:
-    """The commit of the code that runs, whether it differs from it (uncommitted changes), and the Python files this
-    process imported that git does not track (your ``my_nets.py``), with their SHA-256: what re-running needs."""
+    """The commit, whether the code differs from it, and the SHA-256 of imported Python files git does not track."""
     commit = git("rev-parse", "HEAD")
     tracked = {str(PROJECT_ROOT / f) for f in (git("ls-files") or "").splitlines()}
     installed = {sys.prefix, sys.base_prefix, *site.getsitepackages()}
@@ -170,7 +155,7 @@ class WandbLogger(LightningWandbLogger):
             log_model=log_model,
             checkpoint_name=checkpoint_name,
             prefix=prefix,
-            resume="allow",
+            resume="allow",  # Lightning's default, given here so that jsonargparse offers no --*.resume
             **kwargs,
         )
         self.root, self.run_dir = Path(save_dir) / (name or ""), None
@@ -179,7 +164,7 @@ class WandbLogger(LightningWandbLogger):
 
     @property
     def save_dir(self) -> str:
-        """The run's own folder (``Trainer.log_dir``): config.yaml, checkpoints/ and wandb/ go here."""
+        """The run's own folder (``Trainer.log_dir``), with config.yaml, checkpoints/ and wandb/."""
         if self.run_dir is None:  # only rank 0 creates it; Lightning broadcasts rank 0's paths to the others
             self.run_dir = next_run_dir(self.root, create=rank_zero_only.rank == 0)
         return str(self.run_dir)
@@ -199,16 +184,14 @@ class WandbLogger(LightningWandbLogger):
             import wandb
 
             planned, self.why = resolve_mode(self.mode)
-            modes = [planned]
+            modes = [planned, "offline"] if planned == "online" else [planned]  # refused online: keep the run, offline
             if planned == "online" and (problem := unreachable(base_url(), self.timeout)):
                 modes, self.why = ["offline"], f"{base_url()} did not answer: {problem}"
-            elif planned == "online":
-                modes.append("offline")  # the server answered, then refused: keep the run, offline
             if wandb.run is not None:  # left open by another logger in this process: never log into it
                 wandb.run.finish()
             for mode in modes:
-                # private: the arguments Lightning passes to wandb.init; the folder absolute (wandb resolves a
-                # relative one against the cwd of its first run in this process); `anonymous` is deprecated in wandb
+                # private: Lightning's wandb.init arguments; an absolute dir (wandb resolves a relative one against the
+                # cwd of its first run in this process); `anonymous` is deprecated in wandb
                 self._wandb_init = {k: v for k, v in self._wandb_init.items() if k != "anonymous"} | dict(
                     dir=os.path.abspath(self.save_dir), mode=mode, id=self.run_id
                 )
@@ -227,7 +210,7 @@ class WandbLogger(LightningWandbLogger):
 
     @rank_zero_only
     def log_config(self, config: dict[str, Any]) -> None:
-        """The full resolved CLI config (nested) goes into the run's config, now and whenever it starts again."""
+        """The full resolved CLI config goes into the run's config, now and whenever it starts again."""
         self.run_config = config
         self.experiment.config.update(config, allow_val_change=True)
 
@@ -243,15 +226,12 @@ class WandbLogger(LightningWandbLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)  # Lightning's log_model: the monitored checkpoints as artifacts
-        if status == "failed":
-            self.close(exit_code=1)
-        elif status == "finished":  # SLURM's requeue signal: write everything before SLURM kills the job
-            self.close()
+        if status in ("failed", "finished"):  # finished: SLURM's requeue signal, write everything before the kill
+            self.close(exit_code=int(status == "failed"))
 
     @rank_zero_only
     def close(self, exit_code: int = 0) -> None:
-        """Finish the W&B run (the CLI calls this when its subcommand is done) and say where an offline run is; the
-        next use of ``experiment`` starts the same run again."""
+        """Finish the W&B run and say where an offline run is; the next ``experiment`` starts the same run again."""
         run, self._experiment = self._experiment, None
         if run is None:
             return
@@ -263,8 +243,7 @@ class WandbLogger(LightningWandbLogger):
 
 
 class SaveConfigCallback(LightningSaveConfigCallback):
-    """Saves ``config.yaml`` in the run folder, as Lightning's does, headed by the state of the code (commit,
-    uncommitted changes, untracked files imported); hands the config and that state to the W&B logger."""
+    """Lightning's, with the code's state in the header of ``config.yaml``; hands both to the W&B logger."""
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if not self.already_saved and trainer.is_global_zero:
@@ -278,7 +257,6 @@ class SaveConfigCallback(LightningSaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
-
         config = json.loads(json.dumps(self.config.clone().as_dict(), default=str))
         config.pop("config", None)  # the paths of the YAML files given, not values
         config["code"] = {k: v for k, v in self.code.items() if k != "commit"}  # wandb records the commit

@@ -1,5 +1,4 @@
-"""Precision for the CPU recipes: bf16 autocast where the CPU computes bf16 natively (AVX512-BF16, AMX), fp32 on
-the others (emulated bf16 is slower than fp32 there). An explicit ``--trainer.precision`` replaces it."""
+"""CPU precision: bf16 autocast where bf16 is native (AVX512-BF16, AMX), fp32 where emulated bf16 is slower."""
 
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path

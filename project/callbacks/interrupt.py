@@ -1,9 +1,5 @@
-"""Ctrl-C and SLURM's requeue signal take effect between two training steps, never in the middle of one.
-
-Lightning alone stops wherever Ctrl-C lands and saves nothing (its ``OnExceptionCheckpoint`` saves mid-step and
-deletes the file at teardown). On SIGUSR1 its SLURM handler saves and requeues inside the signal handler: a rank
-blocked in a gradient all-reduce never joins the save's barrier, and the job hangs (Lightning issue #21406).
-"""
+"""Ctrl-C and SLURM's requeue signal take effect between two training steps, never in the middle of one (Lightning's
+SLURM handler saves inside the signal handler, where a rank blocked in an all-reduce hangs the job: issue #21406)."""
 
 import os
 import re
@@ -26,13 +22,15 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def hpc_checkpoints(folder: Path) -> dict[int, Path]:
+    """``{N: folder/hpc_ckpt_<N>.ckpt}``; Lightning resumes a requeued SLURM job from the highest N."""
+    return {int(m[1]): p for p in folder.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)", p.stem))}
+
+
 class GracefulInterrupt(Callback):
-    """The first Ctrl-C stops the run at the next step boundary, saving the full training state as ``last.ckpt`` in
-    the run's ``checkpoints/`` and printing how to resume; a second one stops it at once. Under SLURM, SIGUSR1
-    (``#SBATCH --signal=USR1@180``, or a preemption) saves ``<default_root_dir>/hpc_ckpt_<N>.ckpt`` at the next step
-    boundary, on every rank at once, and requeues the job, which resumes from it; if SLURM refuses the requeue,
-    training goes on. (The CLI turns Lightning's own SIGUSR1 handling off: ``SLURMEnvironment(auto_requeue=False)``.)
-    """
+    """The first Ctrl-C stops at the next step, saving ``checkpoints/last.ckpt`` and printing how to resume; a second
+    stops at once. SIGUSR1 under SLURM saves ``<default_root_dir>/hpc_ckpt_<N>.ckpt`` at the next step on every rank
+    and requeues the job, which resumes from it (training goes on if SLURM refuses)."""
 
     def __init__(self) -> None:
         self.requested, self.requeue_requested, self.slurm, self.saved, self.previous = False, False, False, None, {}
@@ -70,16 +68,12 @@ class GracefulInterrupt(Callback):
         if requeue:
             self.requeue_requested = False
             folder = Path(trainer.default_root_dir)
-            numbers = [
-                int(m[1]) for p in folder.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)", p.stem))
-            ]
-            self.hpc_checkpoint = folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+            self.hpc_checkpoint = folder / f"hpc_ckpt_{max(hpc_checkpoints(folder), default=0) + 1}.ckpt"
             trainer.save_checkpoint(self.hpc_checkpoint)
 
     def requeue(self, trainer: Trainer, *args: Any) -> None:
-        """What Lightning's SLURM handler does, between two steps: after the hpc checkpoint Lightning resumes a
-        requeued job from is saved and the step's metrics are logged, flush the loggers (``scontrol requeue`` kills
-        the job) and requeue the job from rank 0; end this job, or go on if SLURM refused."""
+        """Lightning's SLURM handler, between two steps once the hpc checkpoint is saved and the step logged: flush the
+        loggers (``scontrol requeue`` kills the job), requeue from rank 0, end this job or go on if SLURM refused."""
         if self.hpc_checkpoint is None:
             return
         path, self.hpc_checkpoint = self.hpc_checkpoint, None

@@ -1,5 +1,4 @@
-"""Stop at the first non-finite gradient, before the optimizer uses it (Lightning's ``detect_anomaly`` is too slow to
-leave on; the checkpoint IO also refuses non-finite weights, whatever produced them)."""
+"""Stop at the first non-finite gradient, before the optimizer uses it (Lightning's ``detect_anomaly`` is too slow)."""
 
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,8 @@ from project.errors import UserError
 
 
 class NonFiniteGuard(Callback):
-    """Raises a one-line error when the gradients of an optimizer step are NaN or infinite (a NaN loss makes them
-    so), before the step: the weights in memory and on disk stay finite. Under ``16-mixed`` precision the gradient
-    scaler skips such steps by design, and the guard leaves them to it."""
+    """A one-line error before an optimizer step with NaN/inf gradients: weights stay finite. ``16-mixed``: left to
+    the gradient scaler, which skips such steps."""
 
     def __init__(self) -> None:
         self.loss: Tensor | None = None

@@ -1,11 +1,6 @@
-"""``predict`` output as CSV and/or JSON-lines files: one row per input, each input exactly once, even under DDP.
-
-Lightning's ``BasePredictionWriter`` hands over each batch; what it lacks is the file: gathering the rows of all
-processes, dropping the repeats a distributed sampler pads with, naming inputs and classes, writing atomically.
-"""
+"""``predict`` output as CSV and/or JSON-lines files: one row per input, each input exactly once, even under DDP."""
 
 import csv
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,15 +12,14 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset, Subset
 
-from project.errors import UserError
+from project.errors import require
 from project.files import atomic_write
 
 Row = dict[str, Any]
 
 
 def input_id(dataset: Dataset, index: int) -> str | int:
-    """The file path of sample ``index`` when the data set keeps one (through Subsets and in-memory copies), else
-    the index in the underlying data set."""
+    """The file path of sample ``index`` (through Subsets and in-memory copies), else its index in the data set."""
     while isinstance(dataset, Subset) or getattr(dataset, "source", None) is not None:
         if isinstance(dataset, Subset):
             index, dataset = int(dataset.indices[index]), dataset.dataset
@@ -45,8 +39,7 @@ def merge_rows(per_rank: Sequence[Sequence[Row]]) -> list[Row]:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Saves ``predictions.csv`` / ``predictions.jsonl``: input id, target (when known), predicted class name, its
-    probability and the top-k classes; prints where they went.
+    """Saves ``predictions.csv`` / ``.jsonl``: input id, target (when known), predicted class, its probability, top-k.
 
     Args:
         formats: any of ``csv`` and ``jsonl``; empty: write nothing.
@@ -58,8 +51,7 @@ class PredictionWriter(BasePredictionWriter):
         self, formats: Sequence[Literal["csv", "jsonl"]] = ("csv",), top_k: int = 3, output_dir: str | None = None
     ) -> None:
         super().__init__(write_interval="batch")
-        if top_k < 1:
-            raise UserError(f"--prediction_writer.top_k must be at least 1, got {top_k}")
+        require(top_k >= 1, f"--prediction_writer.top_k must be at least 1, got {top_k}")
         self.formats, self.top_k, self.output_dir = list(formats), top_k, output_dir
         self.rows: list[Row] = []
         self.classifier = True
@@ -89,8 +81,7 @@ class PredictionWriter(BasePredictionWriter):
         probs = prediction["probs"] if isinstance(prediction, dict) else prediction.float().softmax(dim=-1)
         probs = probs.detach().float().cpu()
         if not batch_indices:  # a loader whose sampler Lightning cannot track (Lightning passes [] or None)
-            if trainer.world_size > 1:
-                raise UserError("predict under DDP needs a DataLoader with a sampler Lightning can track")
+            require(trainer.world_size == 1, "predict under DDP needs a DataLoader with a sampler Lightning can track")
             batch_indices = range(len(self.rows), len(self.rows) + len(probs))
         loaders = trainer.predict_dataloaders
         dataset = (loaders[dataloader_idx] if isinstance(loaders, Sequence) else loaders).dataset
@@ -127,17 +118,12 @@ class PredictionWriter(BasePredictionWriter):
             k = max((len(r["top_k"]) for r in rows), default=0)
             header = ["index", "id", "target", "pred", "prob"]
             header += [f"top{j}_{what}" for j in range(1, k + 1) for what in ("class", "prob")]
-            text = io.StringIO()
-            csv.writer(text).writerows(
-                [header]
-                + [
-                    [r["index"], r["id"], r["target"] or "", r["pred"], r["prob"]]
-                    + [v for pair in r["top_k"] for v in pair]
-                    for r in rows
-                ]
-            )
             with atomic_write(folder / "predictions.csv", "w", newline="") as f:
-                f.write(text.getvalue())
+                out = csv.writer(f)
+                out.writerow(header)
+                out.writerows(
+                    [r["index"], r["id"], r["target"] or "", r["pred"], r["prob"], *sum(r["top_k"], [])] for r in rows
+                )
             written.append(folder / "predictions.csv")
         if "jsonl" in self.formats:
             with atomic_write(folder / "predictions.jsonl", "w") as f:

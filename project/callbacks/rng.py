@@ -9,10 +9,8 @@ from lightning.pytorch.callbacks import Callback
 
 
 class RNGState(Callback):
-    """The torch (CPU and CUDA), numpy and Python RNG states, saved with every checkpoint and restored as soon as
-    one is loaded, before the fit loop draws its shuffling seed (the sanity check runs in ``isolate_rng``): shuffling,
-    dropout and augmentation after a resume are those of an uninterrupted run. Stored as tensors and plain data
-    (``weights_only`` loading)."""
+    """The torch, CUDA, numpy and Python RNG states as plain data in every checkpoint, restored on load before the fit
+    loop draws its shuffling seed: a resumed run shuffles, drops out and augments as an uninterrupted one."""
 
     def state_dict(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()

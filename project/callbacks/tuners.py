@@ -1,12 +1,6 @@
-"""What Lightning's tuner callbacks lack: their results reaching a schedule planned before they ran, and kept.
-
-``--trainer.callbacks+=LearningRateFinder`` and ``BatchSizeFinder`` run at fit start, after the optimizer and its
-schedule were built: Lightning then sets the found lr on the optimizer, which a one-cycle schedule overwrites at its
-next step, and a new batch size changes the number of steps a one-cycle schedule was planned for. Here the optimizer
-and schedule are built again with what they found (the model's ``configure_optimizers`` reads its ``lr``), and
-``tuners.json`` (the suggested lr with its loss curve, the batch size) and ``lr_find.png`` (Lightning's plot, with
-matplotlib installed) go into the run folder.
-"""
+"""What Lightning's tuner callbacks lack: ``LearningRateFinder`` and ``BatchSizeFinder`` run after the optimizer and
+its schedule were built (a one-cycle schedule overwrites the found lr, and was planned for the old batch size): here
+both are built again, and ``tuners.json`` and ``lr_find.png`` (with matplotlib) go into the run folder."""
 
 import json
 import logging
@@ -23,8 +17,7 @@ log = logging.getLogger("lightning.pytorch.tuner")
 
 
 class TunerResults(Callback):
-    """After the tuner callbacks (Lightning runs them first; the CLI adds this one with them): the optimizer built
-    again, their results saved."""
+    """Runs after the tuner callbacks (the CLI adds it with them): the optimizer built again, their results saved."""
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trainer.strategy.setup_optimizers(trainer)  # before a resumed run's optimizer state is restored into it

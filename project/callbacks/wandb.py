@@ -1,8 +1,4 @@
-"""W&B callbacks: gradient/parameter histograms (``wandb.watch``), a classifier's validation/test media, and the run
-id in checkpoints (a fit resumed from one continues the run).
-
-Each does nothing unless the trainer has a ``WandbLogger``, and logs from global rank 0 only.
-"""
+"""W&B callbacks (each idle without a ``WandbLogger``; rank 0 logs): histograms, a classifier's media, the run id."""
 
 from typing import Any, Literal
 
@@ -18,8 +14,7 @@ def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
 
 
 class WandbRunId(Callback):
-    """Keeps the W&B run id in every checkpoint (``wandb_run_id``): the CLI continues that run when a fit resumes
-    from it."""
+    """The W&B run id in every checkpoint (``wandb_run_id``): a fit resumed from it continues the run."""
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         for logger in wandb_loggers(trainer):
@@ -42,9 +37,7 @@ class WandbWatch(Callback):
         log_freq: int = 100,
         log_graph: bool = False,
     ) -> None:
-        self.what = log  # not `self.log`: Lightning sets that attribute on callbacks
-        self.log_freq = log_freq
-        self.log_graph = log_graph
+        self.what, self.log_freq, self.log_graph = log, log_freq, log_graph  # `what`: Lightning sets `self.log`
         self.runs: list[Any] = []
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -52,8 +45,7 @@ class WandbWatch(Callback):
         if self.what and trainer.is_global_zero:
             for logger in wandb_loggers(trainer):
                 self.runs.append(logger.experiment)
-                # idx=0: wandb numbers watched models per process, so a later run in the same process would log
-                # under "gradients/graph_1net..." instead of "gradients/net...".
+                # idx=0: else a later run in this process logs "gradients/graph_1net..." (wandb counts per process)
                 logger.experiment.watch(
                     pl_module, log=self.what, log_freq=self.log_freq, log_graph=self.log_graph, idx=0
                 )
@@ -65,11 +57,8 @@ class WandbWatch(Callback):
 
 
 class WandbPredictionMedia(Callback):
-    """At the end of validation (every ``every_n_epochs``) and of test: a confusion matrix with class names and a
-    table of sample predictions (image, true, predicted, confidence), misclassified first.
-
-    Reads what ``validation_step``/``test_step`` return: ``{"preds", "target", "logits"}``. The confusion counts are
-    a torchmetrics state, summed over DDP processes.
+    """After validation and test: a confusion matrix and a table of sample predictions, misclassified first, from
+    what ``validation_step``/``test_step`` return (``{"preds", "target", "logits"}``; counts summed over DDP).
 
     Args:
         every_n_epochs: validation media every this many epochs (0: never); test media always.
@@ -93,15 +82,7 @@ class WandbPredictionMedia(Callback):
         self.confusion = MulticlassConfusionMatrix(pl_module.num_classes).to(pl_module.device)
         self.samples = {True: [], False: []}
 
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, *_: Any) -> None:
         if not self.active(trainer) or not isinstance(outputs, dict) or "preds" not in outputs:
             return
         preds, target = outputs["preds"], outputs["target"]
@@ -137,7 +118,6 @@ class WandbPredictionMedia(Callback):
         for logger in wandb_loggers(trainer):
             logger.experiment.log(media)
 
-    # test collects and logs the same way; the stage comes from the trainer
     on_test_epoch_start = on_validation_epoch_start
     on_test_batch_end = on_validation_batch_end
     on_test_epoch_end = on_validation_epoch_end
