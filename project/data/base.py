@@ -32,7 +32,7 @@ def targets(dataset: Dataset) -> list[int]:
 
 def stratified_split(labels: Sequence[Any], size: float, seed: int, flag: str) -> tuple[list[int], list[int]]:
     """Seeded ``(rest, taken)`` index lists in a random order; ``taken`` has ``size`` samples (a count or a fraction),
-    each class in proportion (largest remainders get the odd ones); a class too small to give any gets a warning."""
+    each class in proportion (largest remainders get the odd ones)."""
     n = len(labels)
     want = round(n * size) if isinstance(size, float) else int(size)
     require(0 <= want < n, f"{flag}={size} leaves no training data out of {n} samples; lower {flag}")
@@ -54,9 +54,6 @@ def stratified_split(labels: Sequence[Any], size: float, seed: int, flag: str) -
 
 class ImageDataModule(LightningDataModule):
     """Batches of ``(uint8 images (N, C, H, W), int64 labels)``, augmented on the device, normalized in the model.
-
-    Subclasses give ``class_names``, ``image_shape``, ``mean``, ``std``, ``standard_augment``, ``make_datasets()``;
-    data sets that can be fetched also ``files_present()``, ``download()`` and ``missing_data_message()``.
 
     Args:
         data_dir: the folder holding the data set.
@@ -109,22 +106,21 @@ class ImageDataModule(LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.val_split, self.augment, self.seed = val_split, augment, seed
         self.predict_split, self.loader, self.sampler = predict_split, loader, sampler
-        self.splits: dict[str, Dataset] = {}  # the splits a stage needed so far, ready to serve
+        self.splits: dict[str, Dataset] = {}  # the splits the stages so far needed
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def make_datasets(self) -> dict[str, Dataset | Callable[[], Dataset]]:
-        """The data set's own splits, e.g. ``{"train": ..., "test": ...}``: data sets of (uint8 CHW tensor, label)
-        with ``.targets``, or functions reading one when a stage needs it; a missing ``val`` is carved from train."""
+        """Splits (a missing ``val`` is carved from train): data sets of (uint8 CHW, label) with ``.targets``, or
+        functions reading one."""
         raise NotImplementedError
 
     def files_present(self) -> bool:
         return True
 
-    def download(self, root: Path) -> None:
-        """Download into ``root`` (a fresh temporary folder); the result is moved into ``data_dir`` on success."""
+    def download(self, root: Path) -> None:  # into a temporary folder, moved into data_dir on success
         raise NotImplementedError
 
     def missing_data_message(self) -> str:
@@ -154,8 +150,7 @@ class ImageDataModule(LightningDataModule):
     def sources(self) -> dict[str, Dataset | Callable[[], Dataset]]:
         return self.read(self.make_datasets)
 
-    def has_split(self, name: str) -> bool:
-        """Whether the split ``name`` (train, val, test or predict) will have data; nothing is decoded."""
+    def has_split(self, name: str) -> bool:  # without decoding anything
         return name in self.sources or (name == "val" and "train" in self.sources)
 
     def setup(self, stage: str | None = None) -> None:
@@ -182,7 +177,7 @@ class ImageDataModule(LightningDataModule):
         self.splits[name] = data
 
     def read(self, make: Any) -> Any:
-        """``make()`` (a data set, or the dict of them), a torchvision reader's error turned into one line."""
+        """``make()``, a torchvision reader's error turned into one line."""
         if not callable(make):
             return make
         try:
@@ -236,13 +231,11 @@ class ImageDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._eval_dataloader(self.predict_name)
 
-    def augment_batch(self, images: Tensor) -> Tensor:
-        """The ``augment`` preset applied to a uint8 batch: float images in [0, 1]."""
+    def augment_batch(self, images: Tensor) -> Tensor:  # uint8 in, float in [0, 1] out
         return self.standard_augment(images) if self.augment == "standard" else images
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # (images, labels) of a training step; not the model summary's example input, a bare tensor
-        training = self.trainer is not None and self.trainer.training
-        if training and self.augment != "none" and isinstance(batch, list | tuple):
+        # (images, labels) of a training step, not the model summary's example input (a bare tensor)
+        if self.trainer and self.trainer.training and self.augment != "none" and isinstance(batch, list | tuple):
             return (self.augment_batch(batch[0]), *batch[1:])
         return batch

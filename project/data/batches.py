@@ -1,5 +1,4 @@
-"""Whole batches at once: ``BatchAugment`` (each data set's ``standard`` augmentation, run on the device by
-``ImageDataModule.on_after_batch_transfer``) and ``loader: tensor``'s in-memory data set and training loader."""
+"""Whole batches at once: the batch augmentation (run on the device) and ``loader: tensor``'s data set and loader."""
 
 import math
 from collections.abc import Iterator
@@ -15,13 +14,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 @dataclass(frozen=True)
 class BatchAugment:
-    """Random augmentations of a uint8 batch (N, C, H, W), one draw per image, returned as float in [0, 1].
-
-    Draws come from torch's global generator, which Lightning seeds and checkpoints save (``RNGState``), so a resumed
-    run augments exactly as an uninterrupted one. ``crop_padding``: a random crop of the original size from the image
-    reflect-padded by this many pixels (0: off); ``flip``: a horizontal flip with probability 0.5; ``degrees``,
-    ``translate``, ``scale``: a random affine (rotation, shift as a fraction of the size, zoom; zero fill), as
-    torchvision's ``RandomAffine``.
+    """Random augmentations of a uint8 batch (N, C, H, W), one draw per image from torch's global generator (seeded
+    and checkpointed by Lightning), returned as float in [0, 1]: a random affine (``degrees``, ``translate``, ``scale``
+    as torchvision's ``RandomAffine``, zero fill), a crop of a ``crop_padding`` reflect-padded image, a 50% ``flip``.
     """
 
     crop_padding: int = 0
@@ -103,10 +98,8 @@ def decode(dataset: Dataset, num_workers: int = 0) -> tuple[Tensor, Tensor]:
 
 
 class TensorLoader:
-    """Training batches of an :class:`InMemory`: each epoch a permutation seeded by ``(seed, epoch)``, of which DDP
-    rank ``r`` of ``w`` takes every ``w``-th sample (the same count on every rank); with ``weights``, draws with
-    replacement in proportion to them. Its ``state_dict`` is in checkpoints: a run resumed mid-epoch continues with
-    the batches an uninterrupted run would have seen."""
+    """Training batches of an :class:`InMemory`: each epoch a permutation seeded by ``(seed, epoch)`` (with ``weights``,
+    draws with replacement), every ``world_size``-th sample to a rank; its ``state_dict`` resumes mid-epoch exactly."""
 
     def __init__(
         self,
@@ -120,8 +113,7 @@ class TensorLoader:
     ) -> None:
         self.data, self.batch_size, self.seed, self.weights = data, batch_size, seed, weights
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.position = epoch, 0  # the epoch being (or last) iterated, and its batches handed out
-        self._resume = False
+        self.epoch, self.position, self._resume = epoch, 0, False  # position: the epoch's batches handed out
 
     def __len__(self) -> int:
         return math.ceil(len(self.data) // self.world_size / self.batch_size)

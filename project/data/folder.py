@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from project.data.base import ImageDataModule, stratified_split
 from project.data.batches import BatchAugment
@@ -26,8 +26,8 @@ EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 
 
 class ImageFiles(Dataset):
-    """(uint8 CHW image, label) of each file, read by :func:`read_image` in ``mode`` ("L" or "RGB") at ``size``
-    (height, width); ``checking``: ``(image, label, why)``, ``why`` saying why a file cannot be decoded (label -1)."""
+    """(uint8 CHW image, label) of each file by :func:`read_image`; ``checking``: ``(image, label, why)``, ``why``
+    saying why a file cannot be decoded (label -1)."""
 
     def __init__(self, samples: Sequence[Sample], mode: str, size: tuple, background: str, checking: bool = False):
         self.samples, self.targets = list(samples), [label for _, label in samples]
@@ -52,8 +52,7 @@ class ImageFolderDataModule(ImageDataModule):
     """Images in ``data_dir/<class name>/*.png|jpg|...``, or in ``data_dir/{train,val,test}/<class name>/``.
 
     Classes are the sorted sub-folder names; a missing ``test/`` or ``val/`` is a seeded, stratified part of ``train/``
-    (or of all images). Each image is decoded once to find unreadable ones; the result and the statistics are kept in
-    ``data_dir/.image-checks.json`` for later runs. A predict with ``predict_dir`` never reads ``data_dir``.
+    (or of all images). Unreadable images and statistics are found once and kept in ``data_dir/.image-checks.json``.
 
     Args:
         data_dir: the root folder.
@@ -103,8 +102,7 @@ class ImageFolderDataModule(ImageDataModule):
         if predict_dir:
             folder = Path(predict_dir)
             require(folder.is_dir(), f"--data.predict_dir {folder} not found; give a folder of images")
-            found = (str(p) for p in sorted(folder.rglob("*")) if has_file_allowed_extension(str(p), EXTENSIONS))
-            self.predict_files = list(found)
+            self.predict_files = [str(p) for p in sorted(folder.rglob("*")) if str(p).lower().endswith(EXTENSIONS)]
             require(self.predict_files, f"no images found in --data.predict_dir {folder} (searched recursively)")
 
     class_names = property(lambda self: self.found[0])
@@ -144,8 +142,8 @@ class ImageFolderDataModule(ImageDataModule):
 
     @cached_property
     def checked(self) -> dict[str, Any]:
-        """The unreadable images of every split and the training images' mean and std (unless given): from
-        ``data_dir/.image-checks.json`` while no file changed, else every image decoded once and the file rewritten."""
+        """Unreadable images and the training images' mean and std (unless given), kept in ``CHECKS`` until a file
+        or setting changes."""
         split_of = {path: name for name, samples in self.samples.items() for path, _ in samples}
         stamps = [[p, (s := os.stat(p)).st_size, s.st_mtime_ns] if os.path.exists(p) else [p] for p in sorted(split_of)]
         files = hashlib.sha256(json.dumps(stamps).encode()).hexdigest()  # a broken link: its name alone

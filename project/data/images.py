@@ -29,9 +29,7 @@ def read_image(
 ) -> Tensor:
     """An image file as a uint8 (C, H, W) tensor by the ``RULE``, in ``mode``, at ``size`` (height, width). Raises
     what PIL raises for a file it cannot decode."""
-    with Image.open(source) as image:
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
+    with Image.open(source) as image:  # at the first frame
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # convert("L") would clip, not scale
             scale = 255.0 if image.mode == "F" else 255 / 65535

@@ -1,7 +1,4 @@
-"""One LightningModule for image classification: preprocessing, loss, metrics, logging and optimizer wiring.
-
-The architecture lives in ``net`` (any ``nn.Module``); nothing here knows which data set it is trained on.
-"""
+"""The LightningModule of image classification: preprocessing, loss, metrics, logging and optimizer wiring."""
 
 import importlib.util
 import inspect
@@ -34,26 +31,20 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
 
 
 class ImageClassifier(LightningModule):
-    """Classifies images with ``net``, trained with cross-entropy.
-
-    The model takes raw images, uint8 in [0, 255] or float in [0, 1], shaped (N, C, H, W), and normalizes them
-    with ``mean`` and ``std`` itself: a checkpoint or an exported model needs no outside preprocessing.
+    """Classifies raw images (uint8 in [0, 255] or float in [0, 1], N x C x H x W) with ``net`` after normalizing
+    them with ``mean`` and ``std`` itself, so a checkpoint or export needs no outside preprocessing; cross-entropy.
 
     Args:
         net: the network; it maps a batch of normalized images to logits of shape (N, num_classes).
         num_classes, class_names, image_shape, mean, std: linked from the data module by the CLI.
-        optimizer: any ``torch.optim`` class with its init args (in YAML: class_path + init_args).
-            Weight decay is never applied to biases and normalization weights (any parameter with ndim <= 1).
-        scheduler: any ``torch.optim.lr_scheduler`` class with its init args, or None. A ``total_steps`` left
-            unset (``OneCycleLR``) is filled with the run's number of optimizer steps.
+        optimizer: any ``torch.optim`` class with its init args; no weight decay on parameters with ndim <= 1.
+        scheduler: any ``torch.optim.lr_scheduler`` class with its init args, or None; an unset ``total_steps``
+            (``OneCycleLR``) is filled with the run's number of optimizer steps.
         scheduler_interval: step the scheduler every ``epoch`` or every ``step`` (optimizer step).
         label_smoothing: cross-entropy label smoothing.
         class_weights: per-class weights of the cross-entropy (e.g. inverse class frequencies for imbalanced data).
         channels_last: run convolutions in NHWC memory layout (faster on CPUs and tensor-core GPUs).
         compile: ``torch.compile`` the net (``true``, or a dict of ``torch.compile`` arguments); off by default.
-
-    ``lr`` (None: the optimizer's own) is what Lightning's ``LearningRateFinder`` finds and sets: the optimizer's lr
-    and a one-cycle schedule's ``max_lr``.
     """
 
     def __init__(
@@ -79,9 +70,8 @@ class ImageClassifier(LightningModule):
             class_weights is None or len(class_weights) == num_classes,
             f"--model.class_weights needs {num_classes} values (one per class), got {len(class_weights or [])}",
         )
-        # Objects (a net built in Python, an optimizer function) are not plain data: keep them out of the checkpoint,
-        # which then loads with weights_only. Under the CLI and load_from_checkpoint these arrive as config dicts and
-        # stay (Lightning's warning about an nn.Module argument is about the objects dropped here).
+        # objects (a net built in Python, an optimizer function) stay out of the checkpoint, which then loads with
+        # weights_only; under the CLI they arrive as config dicts and stay
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
             self.save_hyperparameters()
@@ -93,30 +83,25 @@ class ImageClassifier(LightningModule):
         self.register_buffer("mean", torch.tensor(mean or [0.0]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std or [1.0]).view(1, -1, 1, 1), persistent=False)
         self.optimizer, self.scheduler, self.scheduler_interval = optimizer, scheduler, scheduler_interval
-        self.lr: float | None = None
+        self.lr: float | None = None  # set by Lightning's LearningRateFinder: the lr, and a one-cycle max_lr
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         self.compile_options = ({} if compile is True else compile) if compile else None
         if image_shape:  # the model summary then shows input/output sizes and FLOPs
             self.example_input_array = torch.zeros(1, *image_shape, dtype=torch.uint8)
-
         metrics = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "f1": MulticlassF1Score(num_classes, average="macro"),
         }
         if num_classes > 10:
             metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        collection = MetricCollection(metrics)
-        self.train_metrics = collection.clone(prefix="train/")
-        self.val_metrics = collection.clone(prefix="val/")
-        self.test_metrics = collection.clone(prefix="test/")
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_metrics", MetricCollection(metrics).clone(prefix=f"{stage}/"))
+            setattr(self, f"{stage}_loss", MeanMetric())  # a mean over samples: exact under DDP too
         self.val_acc_best = MaxMetric()
-        # Mean loss over samples (not over per-process batch means), so it is exact under DDP too.
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
 
     @property
-    def backbone(self) -> nn.Module | None:
-        """The net's ``backbone`` when it has one: what Lightning's ``BackboneFinetuning`` freezes and unfreezes."""
+    def backbone(self) -> nn.Module | None:  # what Lightning's BackboneFinetuning freezes and unfreezes
         return getattr(self.net, "backbone", None)
 
     def setup(self, stage: str) -> None:
@@ -132,7 +117,6 @@ class ImageClassifier(LightningModule):
             self.compiled = True
 
     def forward(self, images: Tensor) -> Tensor:
-        """Logits of raw images: uint8 in [0, 255] or float in [0, 1], (N, C, H, W)."""
         x = images.to(self.mean.dtype)
         x = (x / 255 if images.dtype == torch.uint8 else x).sub(self.mean).div(self.std)
         if self.channels_last:
@@ -148,11 +132,9 @@ class ImageClassifier(LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        # The epoch means, logged however few the steps; Lightning computes and resets the metric objects. Logged
-        # here, not per step: handed over every step, Lightning moved each metric object every step
-        # (`_ResultMetric.to` in a cProfile of bench/overhead.yaml's run).
+        # logged per epoch, not per step (Lightning then moved each metric object every step, bench/overhead.yaml),
+        # and only what the steps updated: none after an empty epoch, no train/loss under a subclass's own step
         logged = {**self.train_metrics, "train/loss": self.train_loss}
-        # only what the epoch's steps updated: none after an empty epoch, no train/loss under a subclass's own step
         self.log_dict({name: metric for name, metric in logged.items() if metric.update_called})
 
     def on_train_start(self) -> None:

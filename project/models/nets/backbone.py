@@ -10,28 +10,16 @@ from torchvision import models
 from project.errors import UserError
 
 
-def split_head(model: nn.Module) -> tuple[nn.Module, int]:
-    """Replace the last ``nn.Linear`` of a torchvision classifier by ``nn.Identity``; return the model and its
-    feature size (resnet*: ``fc``; mobilenet_v3, efficientnet, convnext, ...: ``classifier[-1]``)."""
-    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], nn.Identity())
-    return model, last.in_features
-
-
 class TorchvisionBackbone(nn.Module):
-    """``backbone`` (any ``torchvision.models`` classifier, its last linear layer removed) + a new linear ``head``.
-
-    Lightning's ``BackboneFinetuning`` callback freezes and later unfreezes ``backbone`` (the classifier exposes
-    ``net.backbone`` as its ``backbone``).
+    """``backbone`` (a ``torchvision.models`` classifier, its last linear layer removed) + a new linear ``head``;
+    Lightning's ``BackboneFinetuning`` freezes and unfreezes ``backbone``.
 
     Args:
         num_classes: linked from the data.
         input_shape: (C, H, W), linked from the data; 1-channel images are repeated to 3 channels.
         arch: a ``torchvision.models`` name: resnet18/34/50, mobilenet_v3_small/large, efficientnet_b0, ...
-        pretrained_weights: a local file with the backbone's state dict (as torchvision publishes them, head
-            included or not), or None for random initialisation. torchvision's named weights (``DEFAULT``,
-            ``IMAGENET1K_V1``) are used only when already in torch's hub cache: they cannot be downloaded offline.
+        pretrained_weights: a local state dict file (head included or not), or torchvision's named weights
+            (``DEFAULT``, ``IMAGENET1K_V1``) when already in torch's hub cache; None: random initialisation.
         dropout: dropout before the head.
     """
 
@@ -50,15 +38,17 @@ class TorchvisionBackbone(nn.Module):
             model = models.get_model(arch, weights=None)
         except ValueError:
             raise UserError(f"unknown torchvision model {arch!r}; see torchvision.models.list_models()") from None
+        # the last linear layer: resnet*'s fc; mobilenet_v3, efficientnet, convnext, ...: classifier[-1]
+        head, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
         if pretrained_weights:
-            head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
             missing, unexpected = model.load_state_dict(self._pretrained_state(arch, pretrained_weights), strict=False)
             wrong = [k for k in missing if not k.startswith(f"{head}.")] + unexpected
             if wrong:
                 raise UserError(f"{pretrained_weights} does not fit {arch}: {len(wrong)} keys differ, e.g. {wrong[0]}")
-        self.channels = input_shape[0]
-        self.backbone, features = split_head(model)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
+        parent, _, name = head.rpartition(".")
+        setattr(model.get_submodule(parent), name, nn.Identity())
+        self.channels, self.backbone = input_shape[0], model
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(last.in_features, num_classes))
 
     @staticmethod
     def _pretrained_state(arch: str, weights: str) -> dict[str, Tensor]:

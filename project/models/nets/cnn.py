@@ -3,7 +3,19 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from project.models.nets.init import init_weights
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal convs and linears (fan-out for convs), unit-gain norms, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def conv_bn(c_in: int, c_out: int, pool_first: bool = False) -> nn.Sequential:
@@ -15,12 +27,9 @@ def conv_bn(c_in: int, c_out: int, pool_first: bool = False) -> nn.Sequential:
 class SmallCNN(nn.Module):
     """Conv-BN-ReLU stages of ``width``, 2x, 4x ... channels, each followed by a 2x2 max-pool, then a linear head.
 
-    ``head="global_max"`` (default) max-pools the last stage globally: about 0.1M parameters at the defaults, and any
-    input size works. ``head="flatten"`` keeps the last stage's spatial layout (2x2 max-pool, flatten); with
-    ``stages=2, width=16, hidden=128`` it is the fast Fashion-MNIST recipe's net (about a sixth of the default's
-    compute). ``hidden`` > 0 puts a ReLU layer of that width before the output layer. ``pool_first=True`` pools
-    right after each convolution (conv, pool, BN, ReLU, as in Keller Jordan's airbench), so BN and ReLU run on a
-    quarter of the pixels; both Fashion-MNIST recipes use it.
+    ``head="global_max"`` max-pools the last stage globally (any input size); ``"flatten"`` 2x2 max-pools and
+    flattens it. ``hidden`` > 0 puts a ReLU layer of that width before the output layer. ``pool_first`` pools right
+    after each convolution (conv, pool, BN, ReLU, as in airbench), so BN and ReLU run on a quarter of the pixels.
     """
 
     def __init__(
@@ -36,27 +45,18 @@ class SmallCNN(nn.Module):
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        channels, height, width_px = input_shape[0], input_shape[1], input_shape[2]
+        channels, height, width_px = input_shape
         for stage in range(stages):
             pool = stage < stages - 1 or head == "flatten"
             layers.append(conv_bn(channels, width * 2**stage, pool_first=pool and pool_first))
+            layers += [nn.MaxPool2d(2)] if pool and not pool_first else []
             channels = width * 2**stage
-            if pool and not pool_first:
-                layers.append(nn.MaxPool2d(2))
-            if pool:
-                height, width_px = height // 2, width_px // 2
         if head == "global_max":
             layers.append(nn.AdaptiveMaxPool2d(1))
-            features = channels
-        else:
-            features = channels * height * width_px
+        features = channels if head == "global_max" else channels * (height >> stages) * (width_px >> stages)
         self.features = nn.Sequential(*layers, nn.Flatten())
-        if hidden:
-            self.head = nn.Sequential(
-                nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
-            )
-        else:
-            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
+        hidden_layers = [nn.Linear(features, hidden), nn.ReLU(inplace=True)] if hidden else []
+        self.head = nn.Sequential(*hidden_layers, nn.Dropout(dropout), nn.Linear(hidden or features, num_classes))
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:

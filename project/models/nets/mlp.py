@@ -2,7 +2,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from project.models.nets.init import init_weights
+from project.models.nets.cnn import init_weights
 
 
 class MLP(nn.Module):
@@ -16,14 +16,12 @@ class MLP(nn.Module):
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
-        c, h, w = input_shape
         layers: list[nn.Module] = [nn.Flatten()]
-        width = c * h * w
+        width = input_shape[0] * input_shape[1] * input_shape[2]
         for units in hidden:
             layers += [nn.Linear(width, units), nn.ReLU(inplace=True), nn.Dropout(dropout)]
             width = units
-        layers.append(nn.Linear(width, num_classes))
-        self.layers = nn.Sequential(*layers)
+        self.layers = nn.Sequential(*layers, nn.Linear(width, num_classes))
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:

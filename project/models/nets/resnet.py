@@ -2,7 +2,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from project.models.nets.init import init_weights
+from project.models.nets.cnn import conv_bn, init_weights
 
 
 class BasicBlock(nn.Module):
@@ -24,11 +24,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR-style ResNet: a 3x3 stem (no max-pool) and stages of basic blocks.
-
-    ``blocks=(2, 2, 2, 2)`` with ``width=64`` is ResNet-18 for 32x32 inputs; the default is a lighter variant.
-    The last block of each residual branch starts at zero, so every block begins as the identity.
-    """
+    """CIFAR-style ResNet: a 3x3 stem (no max-pool) and stages of basic blocks, each starting as the identity (its
+    last BN's weight zero); ``blocks=(2, 2, 2, 2)`` with ``width=64`` is ResNet-18 for 32x32 inputs."""
 
     def __init__(
         self,
@@ -38,9 +35,7 @@ class ResNet(nn.Module):
         width: int = 64,
     ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(input_shape[0], width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
-        )
+        self.stem = conv_bn(input_shape[0], width)
         stages: list[nn.Module] = []
         c_in = width
         for i, n in enumerate(blocks):
