@@ -1,7 +1,4 @@
-"""Writers for the exact on-disk formats torchvision reads: raw IDX (MNIST family) and CIFAR python pickles.
-
-Images are learnable on purpose: class k shows a bright block at a class-specific place, plus noise.
-"""
+"""Writers of format-exact data: raw IDX (MNIST family), CIFAR pickles, image folders, files a viewer reads."""
 
 import gzip
 import hashlib
@@ -10,17 +7,11 @@ import struct
 from pathlib import Path
 
 import numpy as np
-
-IDX_NAMES = {
-    (True, "images"): "train-images-idx3-ubyte",
-    (True, "labels"): "train-labels-idx1-ubyte",
-    (False, "images"): "t10k-images-idx3-ubyte",
-    (False, "labels"): "t10k-labels-idx1-ubyte",
-}
+from PIL import Image
 
 
 def make_images(n: int, num_classes: int, shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images (N, H, W, C) and int labels; class k lights a 6x6 block on a grid of positions."""
+    """uint8 images (N, H, W, C) and int labels, learnable: class k lights a 6x6 block at its place, plus noise."""
     rng = np.random.default_rng(seed)
     c, h, w = shape
     labels = np.arange(n) % num_classes
@@ -47,29 +38,16 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
         path.write_bytes(payload)
 
 
-def write_mnist_family(
-    folder: Path, n_train: int = 600, n_test: int = 200, compress: bool = False, seed: int = 0
-) -> dict[str, np.ndarray]:
+def write_mnist_family(folder: Path, n_train: int = 600, n_test: int = 200, compress: bool = False, seed: int = 0):
     """The four IDX files in ``folder`` (torchvision wants ``<root>/<ClassName>/raw``)."""
-    arrays = {}
-    for train, n in ((True, n_train), (False, n_test)):
-        images, labels = make_images(n, 10, (1, 28, 28), seed + int(train))
-        write_idx(folder / IDX_NAMES[(train, "images")], images[..., 0], compress)
-        write_idx(folder / IDX_NAMES[(train, "labels")], labels, compress)
-        arrays["train" if train else "test"] = images[..., 0]
-        arrays["train_labels" if train else "test_labels"] = labels
-    return arrays
-
-
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
+    for prefix, n, offset in (("train", n_train, 1), ("t10k", n_test, 0)):
+        images, labels = make_images(n, 10, (1, 28, 28), seed + offset)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images[..., 0], compress)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, compress)
 
 
 def write_cifar(root: Path, num_classes: int, n_train: int = 500, n_test: int = 100, seed: int = 0) -> dict:
-    """CIFAR-10 (5 data batches + test_batch + batches.meta) or CIFAR-100 (train, test, meta) pickles.
-
-    Returns the file list with MD5s in torchvision's ``train_list``/``test_list``/``meta`` form, for patching.
-    """
+    """CIFAR-10 or CIFAR-100 pickles; their MD5s as torchvision's ``train_list``/``test_list``/``meta``, and arrays."""
     cifar100 = num_classes == 100
     folder = root / ("cifar-100-python" if cifar100 else "cifar-10-batches-py")
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,12 +55,8 @@ def write_cifar(root: Path, num_classes: int, n_train: int = 500, n_test: int = 
 
     def dump(name: str, images: np.ndarray, labels: np.ndarray) -> None:
         data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # row-major R, G, B planes
-        entry = {
-            "batch_label": name,
-            label_key: labels.tolist(),
-            "data": data,
-            "filenames": [f"{i}.png" for i in range(len(labels))],
-        }
+        entry = {"batch_label": name, label_key: labels.tolist(), "data": data}
+        entry["filenames"] = [f"{i}.png" for i in range(len(labels))]
         if cifar100:
             entry["coarse_labels"] = (labels // 5).tolist()
         with open(folder / name, "wb") as f:
@@ -93,15 +67,17 @@ def write_cifar(root: Path, num_classes: int, n_train: int = 500, n_test: int = 
     for name, part in zip(train_names, np.array_split(np.arange(n_train), len(train_names)), strict=True):
         dump(name, images[part], labels[part])
     test_images, test_labels = make_images(n_test, num_classes, (3, 32, 32), seed + 1)
-    dump("test" if cifar100 else "test_batch", test_images, test_labels)
+    test_name = "test" if cifar100 else "test_batch"
+    dump(test_name, test_images, test_labels)
 
     meta_name, meta_key = ("meta", "fine_label_names") if cifar100 else ("batches.meta", "label_names")
     with open(folder / meta_name, "wb") as f:
         pickle.dump({meta_key: [f"class_{i}" for i in range(num_classes)]}, f)
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
     return {
-        "train_list": [[n, md5(folder / n)] for n in train_names],
-        "test_list": [[n2, md5(folder / n2)] for n2 in ["test" if cifar100 else "test_batch"]],
-        "meta": {"filename": meta_name, "key": meta_key, "md5": md5(folder / meta_name)},
+        "train_list": [[n, md5[n]] for n in train_names],
+        "test_list": [[test_name, md5[test_name]]],
+        "meta": {"filename": meta_name, "key": meta_key, "md5": md5[meta_name]},
         "train": (images, labels),
         "test": (test_images, test_labels),
     }
@@ -109,8 +85,6 @@ def write_cifar(root: Path, num_classes: int, n_train: int = 500, n_test: int = 
 
 def draw(kind: str, rng: np.random.Generator, size: int):
     """One of three visually different kinds of picture (a blue disk, red, stripes), with random noise and placement."""
-    from PIL import Image
-
     image = rng.integers(0, 70, size=(size, size, 3), dtype=np.uint8)
     if kind == "red":
         image[..., 0] = rng.integers(150, 256, size=(size, size), dtype=np.uint8)
@@ -137,8 +111,6 @@ def write_image_folder(root: Path, counts: dict[str, int], size: int = 20, seed:
 def write_alpha_icons(root: Path, n: int = 24, size: int = 12, seed: int = 0) -> Path:
     """Icons whose shape lives only in the alpha channel (every pixel's RGB is black), as PNG in ``root/<class>/``:
     ``disk`` (a disk) and ``bar`` (a horizontal bar), at random places."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     for kind in ("bar", "disk"):
@@ -168,8 +140,6 @@ def with_orientation(image, orientation: int) -> bytes:
 def write_viewer_case(case: str, folder: Path) -> tuple[int, np.ndarray]:
     """One image file in ``folder`` that plain ``convert(mode)`` reads differently from an image viewer, and what
     the viewer shows over a white background: ``(channels, (H, W, C) uint8)``."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     alpha = halves((255,), (0,))[..., 0]  # opaque left half, transparent right half
     black, white = (0, 0, 0), (255, 255, 255)

@@ -61,32 +61,24 @@ def modules(mnist_root, cifar_root, image_root, **kwargs) -> dict[str, object]:
 
 
 def labelled_images(mnist_root, cifar_root, image_root) -> dict[str, dict[str, dict[bytes, int]]]:
-    """For each module, per source file (train, test): every image's bytes -> its label, read from the files."""
+    """For each module, per source file (train, test): every image's bytes (CHW) -> its label, read from the files."""
 
-    def idx(name: str) -> np.ndarray:
-        data = (mnist_root / "MNIST/raw" / name).read_bytes()
-        return np.frombuffer(data[8:], np.uint8) if "labels" in name else np.frombuffer(data[16:], np.uint8)
+    def table(images, labels) -> dict[bytes, int]:
+        return {x.tobytes(): int(y) for x, y in zip(images, labels, strict=True)}
 
-    def table(images, labels, layout=lambda x: x) -> dict[bytes, int]:
-        return {layout(x).tobytes(): int(y) for x, y in zip(images, labels, strict=True)}
-
-    chw = lambda x: np.ascontiguousarray(x.transpose(2, 0, 1))  # noqa: E731 - CIFAR's files hold HWC
-    mnist = {
-        split: table(idx(f"{p}-images-idx3-ubyte").reshape(-1, 28, 28), idx(f"{p}-labels-idx1-ubyte"))
-        for split, p in (("train", "train"), ("test", "t10k"))
-    }
-    cifar = {n: {split: table(*cifar_root[1][n][split], chw) for split in ("train", "test")} for n in (10, 100)}
-    names = sorted(p.name for p in image_root.iterdir() if p.is_dir())
-    files = {
-        read_image(p, "RGB", (16, 16)).numpy().tobytes(): names.index(p.parent.name) for p in image_root.glob("*/*")
-    }
-    return {"mnist": mnist, "cifar10": cifar[10], "cifar100": cifar[100], "folder": {"train": files, "test": files}}
+    mnist = {split: datasets.MNIST(str(mnist_root), train=split == "train") for split in ("train", "test")}
+    truth = {"mnist": {split: table(data.data.numpy(), data.targets) for split, data in mnist.items()}}
+    for n in (10, 100):  # CIFAR's files hold HWC
+        files = cifar_root[1][n]
+        truth[f"cifar{n}"] = {s: table(files[s][0].transpose(0, 3, 1, 2), files[s][1]) for s in ("train", "test")}
+    paths, names = list(image_root.glob("*/*")), sorted(p.name for p in image_root.iterdir() if p.is_dir())
+    own = table([read_image(p, "RGB", (16, 16)).numpy() for p in paths], [names.index(p.parent.name) for p in paths])
+    return {**truth, "folder": {"train": own, "test": own}}
 
 
 def test_every_data_module_serves_uint8_batches_the_same_on_both_loaders(mnist_root, cifar_root, image_root):
-    """Evaluation splits: identical images and labels from the per-sample and the in-memory path, uint8, each image
-    with its own label from the files, split sizes as asked, in a fixed seeded order that is not sorted by class (a
-    limited validation still sees most classes)."""
+    """Evaluation splits: the same uint8 images, each with its label from the files, on both loaders; sizes as asked;
+    a seeded order not sorted by class (a limited validation still sees most classes)."""
     per_sample = modules(mnist_root, cifar_root, image_root, batch_size=32, loader="torchvision")
     in_memory = modules(mnist_root, cifar_root, image_root, batch_size=32, loader="tensor")
     truth = labelled_images(mnist_root, cifar_root, image_root)
@@ -166,7 +158,7 @@ class DownloadsMNIST(MNISTDataModule):
         write_mnist_family(root / "MNIST" / "raw", n_train=100, n_test=20)
 
 
-def test_a_download_is_moved_into_place_whole(tmp_path):
+def test_a_download_is_moved_into_place_whole_and_a_failed_one_leaves_nothing(tmp_path, monkeypatch):
     dm = ready(DownloadsMNIST(data_dir=tmp_path / "new" / "data", val_split=10), "prepare", "fit")  # parents made too
     assert len(dm.splits["train"]) == 90 and os.listdir(tmp_path / "new" / "data") == ["MNIST"]
     (tmp_path / "old" / "MNIST" / "raw").mkdir(parents=True)  # a folder there already: merged into
@@ -174,21 +166,26 @@ def test_a_download_is_moved_into_place_whole(tmp_path):
     DownloadsMNIST(data_dir=tmp_path / "old").prepare_data()
     assert os.listdir(tmp_path / "old") == ["MNIST"]
     assert sorted(os.listdir(tmp_path / "old" / "MNIST" / "raw")) == sorted([*vision.IDX_FILES, "notes.txt"])
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    for cls in (MNISTDataModule, CIFAR10DataModule):
+        data_dir = tmp_path / cls.__name__
+        with pytest.raises(UserError) as err:
+            cls(data_dir=data_dir).prepare_data()
+        assert "not found" in str(err.value) and str(data_dir) in str(err.value) and "\n" not in str(err.value)
+        assert f"(download failed: {type(err.value.__cause__).__name__})" in str(err.value)
+        assert list(data_dir.iterdir()) == [], "a failed download leaves nothing behind"
 
 
-class Pixels(torch.utils.data.Dataset):
-    """A data set of ``n`` random 1x4x4 uint8 images with ``.targets`` (classes 0 and 1 in turn)."""
+class Pixels(torch.utils.data.TensorDataset):
+    """``n`` random 1x4x4 uint8 images with int labels, also in ``.targets`` (classes 0 and 1 in turn)."""
 
     def __init__(self, n: int, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=generator)
+        super().__init__(torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=generator))
         self.targets = [i % 2 for i in range(n)]
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i], self.targets[i]
+        return self.tensors[0][i], self.targets[i]
 
 
 class OwnData(ImageDataModule):
@@ -277,17 +274,7 @@ def test_os_errors_while_preparing_data_name_the_path_and_the_flag(tmp_path, cap
     assert line == f"error: cannot write {blocked}: Not a directory; set --data.data_dir to a writable folder"
 
 
-@pytest.mark.parametrize("cls", [MNISTDataModule, CIFAR10DataModule])
-def test_missing_data_offline_is_one_clear_error_and_leaves_nothing(cls, tmp_path, monkeypatch):
-    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(UserError) as err:
-        cls(data_dir=tmp_path / "data").prepare_data()
-    assert "not found" in str(err.value) and str(tmp_path / "data") in str(err.value) and "\n" not in str(err.value)
-    assert f"(download failed: {type(err.value.__cause__).__name__})" in str(err.value)
-    assert list((tmp_path / "data").iterdir()) == [], "a failed download leaves nothing behind"
-
-
-def test_augmentations_take_effect_per_image():
+def test_augmentations_take_effect_per_image_on_training_batches_only(mnist_root):
     torch.manual_seed(0)
     x = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
     flipped = BatchAugment(flip=True)(x)
@@ -313,9 +300,6 @@ def test_augmentations_take_effect_per_image():
     moved = BatchAugment(degrees=10, translate=0.1, scale=(0.9, 1.1))(digits)
     mass = moved.sum(dim=(1, 2, 3)) / 64
     assert 0.75 < mass.min() and mass.max() < 1.3 and (moved != digits / 255).flatten(1).any(1).float().mean() > 0.95
-
-
-def test_augmentation_runs_on_training_batches_only(mnist_root):
     dm = ready(MNISTDataModule(data_dir=mnist_root, augment="standard", loader="tensor"), "fit")
     batch = next(iter(dm.train_dataloader()))
     dm.trainer = type("T", (), {"training": False})()
@@ -327,8 +311,8 @@ def test_augmentation_runs_on_training_batches_only(mnist_root):
 
 
 def test_under_ddp_each_rank_takes_its_share_and_evaluation_counts_each_sample_once(odd_mnist):
-    """Two ranks (a stand-in trainer): 101 test images as 51 + 50, none twice (a padding sampler repeats one); the
-    in-memory training loader takes the rank's half and continues the trainer's epoch count."""
+    """Two stand-in ranks: 101 test images as 51 + 50, none twice; the in-memory training loader takes the rank's
+    half and continues the trainer's epoch count."""
     for kind in ("torchvision", "tensor"):
         tested, trained = [], []
         for rank in (0, 1):
@@ -429,8 +413,7 @@ AFFINE = {"degrees": 10, "translate": 0.1, "scale": (0.8, 1.2)}
 
 @pytest.mark.parametrize("settings", [*({k: v} for k, v in AFFINE.items()), AFFINE])  # each alone, then all
 def test_affine_augmentation_turns_zooms_and_shifts_each_image_by_what_it_drew(settings):
-    """Each image's spot moves where the drawn angle (degrees), zoom and shift (a fraction of the size) put it:
-    the draws in their order, uniform over the ranges asked (both signs), within 0.1 px."""
+    """Each spot moves (within 0.1 px) where the angle, zoom and shift, drawn in order over the ranges, put it."""
     n, size = 256, 33
     torch.manual_seed(1)
     moved = centre_of_mass(BatchAugment(**settings)(blob(n)))
@@ -461,12 +444,16 @@ def test_weighted_sampler_balances_classes(tmp_path, mnist_root):
     assert torch.equal(mnist.train_weights() * torch.bincount(labels)[labels], torch.ones(540, dtype=torch.float64))
 
 
-def test_folder_splits_are_stratified_and_seeded(image_root, tmp_path):
+def per_class(samples: list[tuple[str, int]]) -> list[int]:
+    labels = [label for _, label in samples]
+    return [labels.count(k) for k in range(max(labels) + 1)]
+
+
+def test_folder_splits_are_stratified_and_seeded_and_name_a_class_too_small(image_root, tmp_path, caplog):
     dm = ImageFolderDataModule(image_root, val_split=0.25, test_split=0.1, seed=3)
     assert dm.class_names == ["disk", "red", "stripes"] and dm.image_shape == (3, 64, 64)
-    for name, per_class in (("train", 26), ("val", 10), ("test", 4)):
-        labels = [label for _, label in dm.samples[name]]
-        assert [labels.count(k) for k in range(3)] == [per_class] * 3, name
+    for name, n in (("train", 26), ("val", 10), ("test", 4)):
+        assert per_class(dm.samples[name]) == [n] * 3, name
         assert all(Path(p).parent.name == dm.class_names[label] for p, label in dm.samples[name])
     assert ImageFolderDataModule(image_root, val_split=0.25, test_split=0.1, seed=3).samples == dm.samples
     assert ImageFolderDataModule(image_root, val_split=0.25, test_split=0.1, seed=4).samples["val"] != dm.samples["val"]
@@ -479,19 +466,25 @@ def test_folder_splits_are_stratified_and_seeded(image_root, tmp_path):
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [6, 6, 5]
     dm.setup("predict")
     assert dm.splits["predict"][0][0].shape == (1, 16, 12) and dm.splits["predict"].targets == [-1] * 4
+    root = write_image_folder(tmp_path / "imgs", {"red": 10, "stripes": 10, "solo": 1, "alone": 1})
+    with caplog.at_level(logging.WARNING):
+        samples = ImageFolderDataModule(root, image_size=8).samples
+    assert caplog.messages == [
+        f"--data.{name}_split takes no sample of class alone, solo (too few): none in that split; add samples"
+        for name in ("test", "val")
+    ]
+    assert per_class(samples["train"])[2] == 1  # "solo" (class 2) trains
 
 
 def test_a_missing_test_folder_is_carved_from_train_and_known_before_training(tmp_path):
-    """Split folders without test/: test_split of train/ (stratified) is the test split; has_split says so
-    without reading an image."""
+    """Without test/, test_split of train/ (stratified) is the test split; has_split knows it without decoding."""
     write_image_folder(tmp_path / "split" / "train", {"red": 10, "stripes": 10})
     write_image_folder(tmp_path / "split" / "val", {"red": 2, "stripes": 2}, seed=1)
     dm = ImageFolderDataModule(tmp_path / "split", image_size=8, test_split=0.2)
     assert dm.has_split("test") and dm.has_split("val") and not dm.has_split("predict")
     assert not (tmp_path / "split" / folder.CHECKS).exists()  # nothing decoded yet
-    for name, per_class in (("train", 8), ("val", 2), ("test", 2)):
-        labels = [label for _, label in dm.samples[name]]
-        assert [labels.count(k) for k in range(2)] == [per_class] * 2, name
+    for name, n in (("train", 8), ("val", 2), ("test", 2)):
+        assert per_class(dm.samples[name]) == [n] * 2, name
     assert not set(dm.samples["test"]) & set(dm.samples["train"])
     dm.setup("test")
     assert len(dm.splits["test"]) == 4
@@ -500,17 +493,6 @@ def test_a_missing_test_folder_is_carved_from_train_and_known_before_training(tm
     with pytest.raises(UserError, match=f"ImageFolderDataModule has no test images in {tmp_path / 'split'}"):
         untested.setup("test")
     assert ImageFolderDataModule(tmp_path / "split" / "train", val_split=0.0, test_split=0.0).has_split("val")
-
-
-def test_a_class_too_small_to_split_is_named_in_one_warning_line(tmp_path, caplog):
-    root = write_image_folder(tmp_path / "imgs", {"red": 10, "stripes": 10, "solo": 1, "alone": 1})
-    with caplog.at_level(logging.WARNING):
-        samples = ImageFolderDataModule(root, image_size=8).samples
-    assert caplog.messages == [
-        f"--data.{name}_split takes no sample of class alone, solo (too few): none in that split; add samples"
-        for name in ("test", "val")
-    ]
-    assert [label for _, label in samples["train"]].count(2) == 1  # "solo" (class 2) trains
 
 
 def test_folder_statistics_and_checks_are_computed_once_and_cached(tmp_path, monkeypatch, caplog):
@@ -565,21 +547,6 @@ def test_unreadable_images_are_named_with_their_split_or_skipped(tmp_path):
         assert [dm.splits[name][i][0].shape for i in range(len(dm.splits[name]))]  # every image left decodes
 
 
-def test_empty_root_or_class_is_a_clear_error(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no class folders"):
-        ImageFolderDataModule(tmp_path / "empty").has_split("train")
-    root = write_image_folder(tmp_path / "imgs", {"red": 5})
-    (root / "b").mkdir()
-    (root / "b" / "notes.txt").write_text("not an image")
-    with pytest.raises(UserError, match="Found no valid file for the classes b"):
-        ImageFolderDataModule(root).has_split("train")
-    with pytest.raises(UserError, match="image folder .*missing not found"):
-        ImageFolderDataModule(tmp_path / "missing").setup("fit")
-    with pytest.raises(UserError, match="--data.background: unknown colour 'nocolour'; give a name or #rrggbb"):
-        ImageFolderDataModule(root, background="nocolour")
-
-
 def test_a_bad_image_size_is_one_short_line(image_root, tmp_path, capsys):
     (tmp_path / "size.yaml").write_text("data:\n  init_args:\n    image_size: abc\n")
     folder_args = ["fit", f"--config={CONFIGS / 'folder.yaml'}", CSV, f"--data.init_args.data_dir={image_root}"]
@@ -587,7 +554,7 @@ def test_a_bad_image_size_is_one_short_line(image_root, tmp_path, capsys):
         assert fails([*folder_args, wrong], capsys) == "error: data.image_size: Expected a <class 'int'>, got abc"
 
 
-def test_predicting_unlabelled_images_needs_no_training_folder(tmp_path):
+def test_folders_without_images_are_clear_errors_and_predicting_needs_no_training_folder(tmp_path):
     """predict_dir alone: the training folder may be gone (or hold a broken image) and is never listed or read."""
     new = write_image_folder(tmp_path / "new", {"a": 3}, seed=4)
     (new / "a" / "notes.txt").write_text("not an image")
@@ -604,12 +571,23 @@ def test_predicting_unlabelled_images_needs_no_training_folder(tmp_path):
     (tmp_path / "empty" / "sub" / "notes.txt").write_text("not an image")
     with pytest.raises(UserError, match=f"no images found in --data.predict_dir {tmp_path / 'empty'}"):
         ImageFolderDataModule(tmp_path / "gone", predict_dir=str(tmp_path / "empty"))
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(UserError, match="no class folders"):
+        ImageFolderDataModule(tmp_path / "bare").has_split("train")
+    root = write_image_folder(tmp_path / "imgs", {"red": 5})
+    (root / "b").mkdir()
+    (root / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="Found no valid file for the classes b"):
+        ImageFolderDataModule(root).has_split("train")
+    with pytest.raises(UserError, match="image folder .*missing not found"):
+        ImageFolderDataModule(tmp_path / "missing").setup("fit")
+    with pytest.raises(UserError, match="--data.background: unknown colour 'nocolour'; give a name or #rrggbb"):
+        ImageFolderDataModule(root, background="nocolour")
 
 
 @pytest.mark.parametrize("case", VIEWER_CASES)
 def test_images_are_read_as_a_viewer_shows_them(case, tmp_path):
-    """Transparency over the background, EXIF orientation, 16-bit and float scaled, CMYK converted, the first frame
-    of an animation: each file format-exact, read through predict_dir as every path reads it."""
+    """Alpha over the background, EXIF orientation, 16-bit/float scaled, CMYK, an animation's first frame."""
     folder = tmp_path / "images" / case  # a class folder holding the one file, and predict_dir
 
     def seen(**kwargs) -> np.ndarray:
@@ -625,8 +603,7 @@ def test_images_are_read_as_a_viewer_shows_them(case, tmp_path):
 
 
 def test_a_class_drawn_only_in_the_alpha_channel_is_learnable(tmp_path):
-    """PNG icons whose RGB is black everywhere, the shape only in alpha: composited onto white they are two
-    different pictures (converted without alpha both would be blank, and accuracy 50%)."""
+    """Black RGB, the shape only in alpha: composited onto white two pictures (blank without alpha: accuracy 50%)."""
     root = write_alpha_icons(tmp_path / "icons", n=24)
     data = "image_size=12 augment=none val_split=0.25 test_split=0.25 batch_size=8 mean=[0.5,0.5,0.5] std=[0.5,0.5,0.5]"
     args = [f"--data.init_args.{a}" for a in data.split()]  # mean, std given: the statistics test covers computed ones
@@ -635,6 +612,6 @@ def test_a_class_drawn_only_in_the_alpha_channel_is_learnable(tmp_path):
 
 
 def test_torchvision_md5_lists_are_patched_only_inside_cifar_tests():
-    """The cifar_root fixture patches them for its own test only (this file's CIFAR tests ran before this one)."""
+    """The cifar_root fixture patches them for its own tests only (this file's CIFAR tests ran before this one)."""
     assert datasets.CIFAR10.train_list[0] == ["data_batch_1", "c99cafc152244af753f735de768cd75f"]
     assert datasets.CIFAR100.meta["md5"] == "7973b15100ade9c7d40fb424638fde48"

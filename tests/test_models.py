@@ -119,9 +119,8 @@ def test_pretrained_weights_from_a_local_file_and_offline_names(tmp_path, monkey
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="does not fit mobilenet_v3_small"):
         TorchvisionBackbone(arch="mobilenet_v3_small", pretrained_weights=str(tmp_path / "other.pth"))
-    monkeypatch.setattr(
-        "torchvision.models._api.load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError)
-    )
+    offline = lambda *a, **k: (_ for _ in ()).throw(OSError)  # noqa: E731
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
     with pytest.raises(UserError, match=r"need a download from https://\S+resnet18\S+\.pth.*local path"):
         TorchvisionBackbone(arch="resnet18", pretrained_weights="IMAGENET1K_V1")
 
@@ -139,9 +138,8 @@ class Trainable(Callback):
 
 
 def test_finetune_config_freezes_the_whole_backbone_then_trains_it_slower(tmp_path):
-    """configs/finetune/resnet18.yaml as its comment says: the backbone's weights frozen while the head trains (its
-    batch norms train), then added at 1/10 of the head's learning rate, doubling each epoch; no warning about
-    parameter groups."""
+    """As the config's comment says: the backbone's weights frozen (its batch norms train), then added at 1/10 of the
+    head's learning rate, doubling each epoch; no warning about parameter groups."""
     root = write_image_folder(tmp_path / "imgs", {"red": 8, "stripes": 8})
     torch.save(models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "weights.pth")
     finetune = f"--config={CONFIGS / 'finetune/resnet18.yaml'}"
@@ -157,10 +155,8 @@ def test_finetune_config_freezes_the_whole_backbone_then_trains_it_slower(tmp_pa
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert not [w for w in caught if "already exist" in str(w.message)]
     (frozen, lrs0), (trains, lrs1), (_, lrs2) = probe.epochs
-    backbone = cli.model.backbone
-    norms = {
-        f"{n}.{p}" for n, m in backbone.named_modules() if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")
-    }
-    assert frozen == norms and trains == {n for n, _ in backbone.named_parameters()}
+    norms = [n for n, m in cli.model.backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert frozen == {f"{n}.{p}" for n in norms for p in ("weight", "bias")}
+    assert trains == {n for n, _ in cli.model.backbone.named_parameters()}
     assert len(lrs1) == len(lrs0) + 1 and lrs1[-1] == pytest.approx(lrs1[0] * 0.1)
     assert lrs2[-1] == pytest.approx(2 * lrs1[-1])

@@ -1,7 +1,6 @@
-"""The extras (extras): export with the preprocessing inside and its README example, int8 quantization,
-distillation from the main job's kind of teacher, pruning; one-line errors for bad checkpoints in every tool."""
+"""The extras: export with the preprocessing inside and its README example, int8 quantization, distillation,
+pruning; one-line errors for bad checkpoints in every tool."""
 
-import fcntl
 import json
 import os
 import re
@@ -29,29 +28,18 @@ from tests.conftest import CONFIGS, CSV, ROOT, fails, fit, run_module
 from tests.test_readme import shown_files
 
 FMNIST_CLASSES = datasets.FashionMNIST.classes  # torchvision's names, which the data module gives too
-README = ROOT / "README.md"
 DISTILL = f"--config={CONFIGS / 'compress' / 'distill.yaml'}"
 WIDTH_8, SMALL = "--model.init_args.net.init_args.width=8", ["--data.init_args.batch_size=32", "--test_after_fit=true"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def teacher(mnist_root, tmp_path_factory) -> tuple[Path, float]:
-    """The main job's recipe (tensor loader, channels_last, one-cycle) with a width-8 net on the fixture data: its
-    best checkpoint and the test accuracy fit reported for it. Trained once per session: under pytest-xdist the
-    first worker trains it and the other reads it (``xdist_group`` does not group with pytest 9)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    shared = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
-    folder, result = shared / "tools-teacher", shared / "tools-teacher.json"
-    with open(shared / "tools-teacher.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not result.is_file():
-            args = [WIDTH_8, *SMALL, "--trainer.max_epochs=3", f"--trainer.default_root_dir={folder}"]
-            cli = fit("fashion_mnist.yaml", mnist_root, *args)
-            best = cli.config_init.fit.checkpoint.best_model_path
-            result.write_text(json.dumps([best, float(cli.trainer.callback_metrics["test/acc"])]))
-    best, accuracy = json.loads(result.read_text())
+    """The main job's recipe with a width-8 net on the fixture data: its best checkpoint and fit's test accuracy."""
+    folder = f"--trainer.default_root_dir={tmp_path_factory.mktemp('teacher')}"
+    cli = fit("fashion_mnist.yaml", mnist_root, WIDTH_8, *SMALL, "--trainer.max_epochs=3", folder)
+    accuracy = float(cli.trainer.callback_metrics["test/acc"])
     assert accuracy > 0.9  # chance is 0.1
-    return Path(best), accuracy
+    return Path(cli.config_init.fit.checkpoint.best_model_path), accuracy
 
 
 def fixture_test_set(mnist_root: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -61,15 +49,24 @@ def fixture_test_set(mnist_root: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def exports(teacher, tmp_path_factory) -> dict[str, Path]:
-    """The teacher exported once in each format, as ``python -m extras.export`` writes it."""
-    folder = tmp_path_factory.mktemp("exports")
-    return {f: export.export(str(teacher[0]), f, str(folder / f"model.{f}")) for f in ("onnx", "pt2")}
+def exports(teacher, tmp_path_factory) -> dict:
+    """The teacher exported in each format: onnx by the command a user runs, over an earlier file; pt2 in-process."""
+    onnx = tmp_path_factory.mktemp("exports") / "model.onnx"
+    onnx.write_text("an earlier file")
+    done = run_module("extras.export", "--ckpt_path", str(teacher[0]), "--output", str(onnx), "--overwrite", "true")
+    pt2 = export.export(str(teacher[0]), "pt2", str(onnx.with_suffix(".pt2")))
+    return {"onnx": onnx, "pt2": pt2, "command": done}
 
 
-def test_onnx_takes_raw_uint8_images_of_any_batch_size_and_says_how_to_feed_it(teacher, exports, mnist_root):
+def test_exports_take_raw_uint8_images_of_any_batch_size_and_say_how_to_feed_them(teacher, exports, mnist_root):
     ckpt, test_accuracy = teacher
+    done = exports["command"]
+    assert done.returncode == 0 and not done.stderr, done.stderr  # no warning either
+    wrote = f"wrote {exports['onnx']} (onnx: uint8 images (N, 1, 28, 28) -> probabilities of 10 classes"
+    assert done.stdout.startswith(wrote), done.stdout
+    assert sorted(p.name for p in exports["onnx"].parent.iterdir()) == ["model.onnx", "model.pt2"]  # nothing partial
     meta = read_metadata(exports["onnx"])
+    assert read_metadata(exports["pt2"]) == meta
     keys = ("class_names", "input_shape", "input_dtype", "input_range", "image_mode", "background")
     assert [meta[k] for k in keys] == [FMNIST_CLASSES, [1, 28, 28], "uint8", [0, 255], "L", "white"]
     assert meta["image_rule"].startswith(RULE)
@@ -77,13 +74,14 @@ def test_onnx_takes_raw_uint8_images_of_any_batch_size_and_says_how_to_feed_it(t
     assert meta["mean"] == pytest.approx([0.2860]) and meta["std"] == pytest.approx([0.3530])
     session = onnxruntime.InferenceSession(str(exports["onnx"]), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(uint8)"
-    model = load_trained(ckpt, "test")
+    program, model = torch.export.load(exports["pt2"]).module(), load_trained(ckpt, "test")
     for n in (1, 7):
         images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
         probabilities = session.run(None, {"images": images.numpy()})[0]
         with torch.no_grad():
-            expected = model(images).softmax(-1).numpy()
-        np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0)
+            expected = model(images).softmax(-1)
+            torch.testing.assert_close(program(images), expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(probabilities, expected.numpy(), atol=1e-5, rtol=0)
         np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
     # the deployed file alone, fed raw pixels, scores what fit reported for the checkpoint on the test split
     images, labels = fixture_test_set(mnist_root)
@@ -91,67 +89,26 @@ def test_onnx_takes_raw_uint8_images_of_any_batch_size_and_says_how_to_feed_it(t
     assert (predicted == labels).mean() == pytest.approx(test_accuracy, abs=1e-6)
 
 
-def test_a_torch_export_program_takes_raw_uint8_images_and_carries_the_metadata(teacher, exports):
-    assert read_metadata(exports["pt2"]) == read_metadata(exports["onnx"])
-    program = torch.export.load(exports["pt2"]).module()
-    model = load_trained(teacher[0], "test")
-    for n in (1, 6):
-        images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
-        with torch.no_grad():
-            torch.testing.assert_close(program(images), model(images).softmax(-1), atol=1e-5, rtol=0)
-
-
-def test_exports_load_and_run_in_a_process_that_cannot_import_this_project(teacher, exports, tmp_path):
-    for path in exports.values():
-        shutil.copy(path, tmp_path)
-    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    np.save(tmp_path / "images.npy", images.numpy())
-    code = """
-import sys
-sys.modules.update(project=None, extras=None, tests=None)  # importing any of them now fails
-import json, numpy as np, onnxruntime, torch
-images, extra = np.load("images.npy"), {"metadata.json": ""}
-with torch.no_grad():
-    np.save("pt2.npy", torch.export.load("model.pt2", extra_files=extra).module()(torch.from_numpy(images)).numpy())
-session = onnxruntime.InferenceSession("model.onnx")
-np.save("onnx.npy", session.run(None, {"images": images})[0])
-names = json.loads(session.get_modelmeta().custom_metadata_map["class_names"])
-print(json.loads(extra["metadata.json"])["image_mode"], names[9])
-"""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.split() == ["L", "Ankle", "boot"] and not done.stderr, done.stderr
-    with torch.no_grad():
-        expected = load_trained(teacher[0], "test")(images).softmax(-1).numpy()
-    for format in ("pt2", "onnx"):
-        np.testing.assert_allclose(np.load(tmp_path / f"{format}.npy"), expected, atol=1e-5, rtol=0)
-
-
 def test_failed_parity_or_an_existing_output_writes_nothing(teacher, tmp_path, capsys):
-    ckpt, _ = teacher
     with pytest.raises(UserError, match="differs from PyTorch on a batch of 5"):
-        export.export(str(ckpt), format="pt2", output=str(tmp_path / "bad.pt2"), atol=-1.0)
+        export.export(str(teacher[0]), format="pt2", output=str(tmp_path / "bad.pt2"), atol=-1.0)
     assert list(tmp_path.iterdir()) == []
     kept = tmp_path / "model.onnx"
     kept.write_text("an earlier file")
-    line = fails(["--ckpt_path", str(ckpt), "--output", str(kept)], capsys, main=export.main)
+    line = fails(["--ckpt_path", str(teacher[0]), "--output", str(kept)], capsys, main=export.main)
     assert "exists; choose another --output or pass --overwrite true" in line and kept.read_text() == "an earlier file"
-    done = run_module("extras.export", "--ckpt_path", str(ckpt), "--output", str(kept), "--overwrite", "true")
-    assert done.returncode == 0 and not done.stderr, done.stderr  # the command as a user runs it: no warning either
-    assert done.stdout.startswith(f"wrote {kept} (onnx: uint8 images (N, 1, 28, 28) -> probabilities of 10 classes")
-    assert read_metadata(kept)["class_names"] == FMNIST_CLASSES and [p.name for p in tmp_path.iterdir()] == [kept.name]
 
 
 def readme_example() -> str:
     """The code block between ``<!-- onnx-example -->`` and ``<!-- /onnx-example -->``."""
-    found = re.search(r"<!-- onnx-example -->\s*```python\n(.*?)```\s*<!-- /onnx-example -->", README.read_text(), re.S)
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"<!-- onnx-example -->\s*```python\n(.*?)```\s*<!-- /onnx-example -->", readme, re.S)
     assert found, "no onnx-example block in README.md"
     return found.group(1)
 
 
-def files_as_people_have_them(images: np.ndarray, folder: Path) -> dict[str, Image.Image]:
-    """Fixture test images saved as a user's files would be, each with what its raw pixels would wrongly show:
-    RGB at another size, transparency over noise, an EXIF-rotated photo, 16-bit."""
+def files_as_people_have_them(images: np.ndarray, folder: Path) -> list[Path]:
+    """Test images as a user's files: RGB at another size, transparency over noise, EXIF-rotated, 16-bit."""
     rng = np.random.default_rng(0)
     Image.fromarray(images[0, 0]).convert("RGB").resize((40, 36)).save(folder / "0.png")
     rgba = np.dstack([rng.integers(0, 256, (28, 28, 3), dtype=np.uint8), np.full((28, 28), 255, np.uint8)])
@@ -162,39 +119,66 @@ def files_as_people_have_them(images: np.ndarray, folder: Path) -> dict[str, Ima
     exif[0x0112] = 6  # Orientation: rotate 270 degrees (clockwise 90) to show it upright
     Image.fromarray(images[2, 0]).transpose(Image.Transpose.ROTATE_90).save(folder / "2.jpg", exif=exif, quality=95)
     Image.fromarray(images[3, 0].astype(np.uint16) * 257).save(folder / "3.png")  # mode I;16
-    return {f"{i}": folder / name for i, name in enumerate(("0.png", "1.png", "2.jpg", "3.png"))}
+    return [folder / name for name in ("0.png", "1.png", "2.jpg", "3.png")]
 
 
-def test_the_readme_onnxruntime_example_reads_an_image_file_as_training_does(teacher, exports, mnist_root, tmp_path):
-    """The README's lines (onnxruntime, PIL, numpy; everything else read from the model's metadata) print the class
-    and probability the PyTorch model gives for the file read by project.data.images, the one rule: for a resized
-    RGB file, for transparency (over white), an EXIF-rotated photo and a 16-bit PNG, where a plain
-    ``Image.open(f).convert(mode)`` would read other pixels."""
+STANDALONE = """
+import runpy, sys
+sys.modules.update(project=None, extras=None, tests=None)  # importing any of them now fails
+import json, numpy as np, onnxruntime, torch
+images, extra = np.load("images.npy"), {"metadata.json": ""}
+with torch.no_grad():
+    np.save("pt2.npy", torch.export.load("model.pt2", extra_files=extra).module()(torch.from_numpy(images)).numpy())
+session = onnxruntime.InferenceSession("model.onnx")
+np.save("onnx.npy", session.run(None, {"images": images})[0])
+names = json.loads(session.get_modelmeta().custom_metadata_map["class_names"])
+print(json.loads(extra["metadata.json"])["image_mode"], names[9])
+for path in sys.argv[1:]:  # the README's example on each file
+    sys.argv = ["classify.py", "model.onnx", path]
+    runpy.run_path("classify.py")
+"""
+
+
+def test_exports_and_the_readme_example_run_in_a_process_that_cannot_import_this_project(
+    teacher, exports, mnist_root, tmp_path
+):
+    """The README's lines (onnxruntime, PIL, numpy) print what the PyTorch model gives for the file as
+    project.data.images reads it, where a plain ``Image.open(f).convert(mode)`` would read other pixels."""
     code = readme_example()
     assert len(code.strip().splitlines()) <= 16 and "torch" not in code.replace("onnxruntime", "")
     (tmp_path / "classify.py").write_text(code)
-    images, _ = fixture_test_set(mnist_root)
+    for format in ("onnx", "pt2"):
+        shutil.copy(exports[format], tmp_path)
+    files = files_as_people_have_them(fixture_test_set(mnist_root)[0], tmp_path)
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    np.save(tmp_path / "images.npy", images.numpy())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, "-c", STANDALONE, *map(str, files)]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    printed = done.stdout.splitlines()
+    assert printed[0].split() == ["L", "Ankle", "boot"] and len(printed) == 1 + len(files), printed
     model = load_trained(teacher[0], "test")
+    with torch.no_grad():
+        expected = model(images).softmax(-1).numpy()
+    for format in ("pt2", "onnx"):
+        np.testing.assert_allclose(np.load(tmp_path / f"{format}.npy"), expected, atol=1e-5, rtol=0)
 
     def shown(pixels: torch.Tensor) -> str:
         with torch.no_grad():
             p = model(pixels[None]).softmax(-1)[0]
         return f"{FMNIST_CLASSES[int(p.argmax())]} {float(p.max()):.1%}"
 
-    for name, path in files_as_people_have_them(images, tmp_path).items():
-        command = [sys.executable, "classify.py", str(exports["onnx"]), str(path)]
-        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == shown(read_image(path, "L", (28, 28))), name
-        if name != "0":
+    for path, line in zip(files, printed[1:], strict=True):
+        assert line == shown(read_image(path, "L", (28, 28))), path
+        if path.name != "0.png":  # the rule changes what it sees
             with Image.open(path) as image:
                 naive = np.asarray(image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)).copy()
-            assert shown(torch.from_numpy(naive)[None]) != done.stdout.strip(), name  # the rule changes what it sees
+            assert shown(torch.from_numpy(naive)[None]) != line, path
 
 
 def test_int8_quantization_reports_final_paths_and_never_overwrites(teacher, tmp_path, capsys):
-    """The teacher (a conv net) quantized to int8: integer ops inside, a smaller file, accuracy on the run's test
-    split within 3 points of fp32 (which is what fit reported); the printed paths are the final ones."""
+    """int8 ops inside, a smaller file, test accuracy within 3 points of fp32 (what fit reported); final paths."""
     ckpt, test_accuracy = teacher
     out = tmp_path / "int8"
     compress.main(["--ckpt_path", str(ckpt), "--output_dir", str(out)])
@@ -215,9 +199,8 @@ def test_int8_quantization_reports_final_paths_and_never_overwrites(teacher, tmp
 
 
 def test_a_student_learns_from_the_teacher_alone_and_its_checkpoint_stands_alone(teacher, mnist_root, tmp_path):
-    """alpha=1: the labels never reach the loss, yet the student (the distill config's small net, the main job's
-    data path) ends far above chance, agreeing with the teacher. The teacher is frozen, in eval mode and unchanged;
-    the student's checkpoint holds the student alone, and loads and exports after the teacher file is gone."""
+    """alpha=1 (no labels in the loss): far above chance, agreeing with the frozen, unchanged teacher in eval mode;
+    the checkpoint holds the student alone, and loads and exports without the teacher file."""
     own = tmp_path / "teacher.ckpt"
     own.write_bytes(teacher[0].read_bytes())
     args = [f"--model.init_args.teacher_ckpt={own}", "--model.init_args.alpha=1.0", "--trainer.max_epochs=3"]
@@ -269,9 +252,6 @@ def test_pruning_reaches_the_configured_sparsity(mnist_root):
     assert float(cli.trainer.callback_metrics["test/acc"]) > 0.3  # still a classifier (chance is 0.1)
 
 
-# ---- bad checkpoints: one line and exit code 2 in every tool ------------------------------------------------
-
-
 class Evil:
     """Unpickling this creates ``marker``: what a malicious checkpoint would do with a shell command."""
 
@@ -288,7 +268,7 @@ def held(**hyper_parameters) -> dict:
 
 CLI_WROTE = dict(_class_path="project.models.ImageClassifier", _instantiator="lightning.pytorch.cli.instantiate_module")
 NOT_LIGHTNING = "not a Lightning checkpoint (no state_dict)"
-BAD = {  # name -> (what the file holds, what the error line says)
+BAD = {  # name -> (what the file holds: bytes, None for random bytes, ... for no file, or a function of the marker)
     "hostile": (lambda marker: held(x=Evil(marker)), "could run code"),
     "text": (b"these are my notes, not weights\n", "is not a readable checkpoint"),
     "random bytes": (None, "is not a readable checkpoint"),
@@ -302,17 +282,6 @@ BAD = {  # name -> (what the file holds, what the error line says)
     ),
     "missing": (..., "not found"),
 }
-
-
-def write_bad(kind: str, folder: Path) -> Path:
-    path, (content, _) = folder / f"{kind.replace(' ', '_')}.ckpt", BAD[kind]
-    if content is None or isinstance(content, bytes):
-        path.write_bytes(np.random.default_rng(0).bytes(3000) if content is None else content)
-    elif content is not ...:
-        torch.save(content(str(folder / "pwned")), path)
-    return path
-
-
 TOOLS = {"export": export, "compress": compress, "serve": serve}
 
 
@@ -329,7 +298,11 @@ def refusal(tool: str, ckpt: Path, mnist_root: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize("kind", list(BAD))
 def test_a_bad_checkpoint_is_one_line_in_every_tool(kind, tool, tmp_path, capsys, mnist_root):
     """In-process ``main``: what ``python -m extras.<tool>`` runs, so this covers the commands too."""
-    bad = write_bad(kind, tmp_path)
+    bad, content = tmp_path / f"{kind.replace(' ', '_')}.ckpt", BAD[kind][0]
+    if content is None or isinstance(content, bytes):
+        bad.write_bytes(np.random.default_rng(0).bytes(3000) if content is None else content)
+    elif content is not ...:
+        torch.save(content(str(tmp_path / "pwned")), bad)
     before = sorted(tmp_path.rglob("*"))
     line = refusal(tool, bad, mnist_root, capsys)
     assert BAD[kind][1] in line and str(bad) in line, line
@@ -349,12 +322,8 @@ def test_without_the_export_extra_a_tool_says_what_to_install(tool, teacher, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-# ---- any net fit accepts; nothing that is not a classifier ----------------------------------------------------
-
-
 def test_the_readme_tinynet_exports_and_compresses(mnist_root, tmp_path, monkeypatch):
-    """The README's own net (``input_shape`` without a type annotation) from the user's file: what fit trains,
-    export and int8 compression take."""
+    """The README's own net (``input_shape`` without a type annotation) from the user's file: fit, export, int8."""
     (tmp_path / "my_nets.py").write_text(shown_files()["my_nets.py"])
     monkeypatch.syspath_prepend(str(tmp_path))  # my_nets.py where the README puts it: the folder commands run in
     monkeypatch.delitem(sys.modules, "my_nets", raising=False)  # imported here, forgotten after
@@ -363,12 +332,11 @@ def test_the_readme_tinynet_exports_and_compresses(mnist_root, tmp_path, monkeyp
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     program = torch.export.load(export.export(str(ckpt), "pt2", str(tmp_path / "tiny.pt2"))).module()
     data = datasets.MNIST(str(mnist_root), train=False)
-    images, labels = data.data[:, None], data.targets
     with torch.no_grad():
-        expected = cli.model.eval()(images).softmax(-1)
-        torch.testing.assert_close(program(images), expected, atol=1e-5, rtol=0)
+        expected = cli.model.eval()(data.data[:, None]).softmax(-1)
+        torch.testing.assert_close(program(data.data[:, None]), expected, atol=1e-5, rtol=0)
     report = compress.quantize(str(ckpt), output_dir=str(tmp_path / "int8"))
-    accuracy = float((expected.argmax(-1) == labels).float().mean())
+    accuracy = float((expected.argmax(-1) == data.targets).float().mean())
     assert report["samples"] == 200 and report["fp32"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert report["int8"]["int8_ops"]  # quantized
 
