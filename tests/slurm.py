@@ -10,12 +10,13 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import suppress
 from pathlib import Path
 
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 PROGRAMS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol", "scancel", "squeue", "sinfo")
 # KillWait: seconds from SIGTERM to SIGKILL (default 30). MinJobAge: seconds a finished job stays visible (default
-# 300); `sbatch --wait` polls every 2 s only below 6. config_overrides: 2 CPUs (2 tasks) even on a 1-CPU machine.
+# 300); `sbatch --wait` polls every 2 s only below 6. config_overrides: ``cpus`` CPUs (tasks) even on a smaller machine.
 # batch_sched_delay: a batch job (sbatch, or requeued) starts at once instead of up to 3 s later.
 SETTINGS = """ClusterName=pytest SlurmctldHost=localhost SlurmctldPort={port1} SlurmdPort={port2} SlurmUser=root
 AuthType=auth/munge CredType=cred/munge AuthInfo=socket={root}/munge.socket
@@ -47,42 +48,32 @@ def processes_with(variable: str) -> list[int]:
     """The processes whose environment holds ``variable`` (``NAME=value``), wherever they were reparented."""
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
+        with suppress(OSError):
             found += [int(environ.parent.name)] if variable.encode() in environ.read_bytes().split(b"\0") else []
-        except OSError:
-            continue
     return found
 
 
 def kill(pids: list[int]) -> None:
     for pid in pids:
-        try:
+        with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 class Cluster:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, cpus: int = 2) -> None:
         self.root, self.conf, self.daemons = root, root / "slurm.conf", {}
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         for sub in ("state", "spool"):
             (root / sub).mkdir(parents=True)
         (root / "munge.key").write_bytes(os.urandom(1024))
         (root / "munge.key").chmod(0o600)
-        conf = "\n".join([*SETTINGS.split(), NODE])
-        self.conf.write_text(conf.format(root=root, port1=free_port(), port2=free_port(), cpus=max(2, os.cpu_count())))
+        ports = {"port1": free_port(), "port2": free_port()}
+        self.conf.write_text(
+            "\n".join([*SETTINGS.split(), NODE]).format(root=root, cpus=max(cpus, os.cpu_count()), **ports)
+        )
         try:
-            self.daemon(
-                "munged",
-                "-F",
-                "-f",
-                f"--socket={root}/munge.socket",
-                f"--key-file={root}/munge.key",
-                f"--pid-file={root}/munged.pid",
-                f"--log-file={root}/munged.log",
-                f"--seed-file={root}/munge.seed",
-            )
+            files = {"socket": "socket", "key-file": "key", "pid-file": "pid", "log-file": "log", "seed-file": "seed"}
+            self.daemon("munged", "-F", "-f", *[f"--{option}={root}/munge.{ext}" for option, ext in files.items()])
             self.wait(lambda: (root / "munge.socket").exists(), "munged's socket")
             self.daemon("slurmctld", "-D", "-f", str(self.conf))
             self.daemon("slurmd", "-D", "-N", "localhost", "-f", str(self.conf))

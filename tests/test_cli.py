@@ -16,8 +16,8 @@ WIDTH_4 = "--model.init_args.net.init_args.width=4"
 
 @pytest.mark.parametrize(("config", "root"), [("fashion_mnist.yaml", "mnist_root"), ("cifar10.yaml", "cifar_root")])
 def test_fit_then_validate_and_test_from_the_checkpoint_give_the_logged_numbers(config, root, request):
-    """2 epochs write the best and the last checkpoint, the resolved config and metrics; `validate` and `test` of the
-    best checkpoint through the run's own config.yaml reproduce the numbers the fit run logged."""
+    """2 epochs write checkpoints, config and metrics; `validate` and `test` of the best checkpoint through the run's
+    config.yaml reproduce the logged numbers."""
     data = request.getfixturevalue(root)
     data = data[0] if isinstance(data, tuple) else data
     small = ["--model.init_args.net.init_args.width=8", "--data.init_args.batch_size=32"]
@@ -54,17 +54,12 @@ def test_data_is_linked_into_the_model_and_the_net(cifar_root):
 
 NET = """
 from math import prod
-
 from torch import nn
 
 
-class Net(nn.Module):
+class Net(nn.Sequential):
     def __init__(self, num_classes: int, input_shape):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
-
-    def forward(self, x):
-        return self.layers(x)
+        super().__init__(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
 """
 
 
@@ -91,17 +86,14 @@ def test_optimizer_and_scheduler_overrides_take_effect(mnist_root):
     assert config.interval == "step"
 
 
-def test_one_cycle_gets_the_run_length_and_a_longer_resume_stops_with_one_line(mnist_root, capsys):
-    cli = fit("fashion_mnist.yaml", mnist_root, *ONE_EPOCH, "--trainer.limit_train_batches=3", WIDTH_4)
+def test_one_cycle_and_lr_logs_follow_the_run_checkpoints_are_plain_data_and_a_longer_resume_stops(mnist_root, capsys):
+    """OneCycle gets the run's length, lr is logged once per step (momentum too, when asked); the checkpoint holds
+    plain data and its model takes raw images; resuming for more epochs than the schedule has stops in one line."""
+    momentum = "--lr_monitor.log_momentum=true"
+    cli = fit("fashion_mnist.yaml", mnist_root, *ONE_EPOCH, "--trainer.limit_train_batches=3", WIDTH_4, momentum)
     assert cli.trainer.lr_scheduler_configs[0].scheduler.total_steps == 3
-    config = Path(cli.trainer.log_dir) / "config.yaml"
-    line = fails(["fit", f"--config={config}", "--ckpt_path=last", "--trainer.max_epochs=3"], capsys)
-    assert "OneCycleLR schedule ends after 3 optimizer steps but this run needs 9" in line
-    assert "--trainer.max_epochs" in line
-
-
-def test_checkpoints_are_plain_data_and_the_model_takes_raw_images(mnist_root):
-    cli = fit("fashion_mnist.yaml", mnist_root, *ONE_EPOCH, "--trainer.limit_train_batches=2", WIDTH_4)
+    metrics = read_metrics(Path(cli.trainer.log_dir))
+    assert len(metrics["lr-AdamW/pg1"]) == 3 and "lr-AdamW/pg1-momentum" in metrics
     path = cli.config_init.fit.checkpoint.best_model_path
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]  # no pickled modules or classes inside
     assert tuple(hparams["mean"]) == (0.2860,) and hparams["class_names"][0] == "T-shirt/top"
@@ -109,6 +101,10 @@ def test_checkpoints_are_plain_data_and_the_model_takes_raw_images(mnist_root):
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     torch.testing.assert_close(model(images), cli.model.eval()(images))
     torch.testing.assert_close(model(images), model(images.float() / 255))  # uint8 or float in [0, 1]
+    config = Path(cli.trainer.log_dir) / "config.yaml"
+    line = fails(["fit", f"--config={config}", "--ckpt_path=last", "--trainer.max_epochs=3"], capsys)
+    assert "OneCycleLR schedule ends after 3 optimizer steps but this run needs 9" in line
+    assert "--trainer.max_epochs" in line
 
 
 def test_default_root_dir_decides_where_runs_go_and_a_smoke_run_leaves_nothing(mnist_root, tmp_path):
@@ -138,9 +134,7 @@ CALLBACK_OPTIONS = {  # each with a setting whose effect shows
 
 @pytest.mark.parametrize("name", list(CALLBACK_OPTIONS))
 def test_lightning_callback_short_names_work(name, mnist_root):
-    """The form the LightningCLI docs teach, each callback doing its job beside the CLI's: a stock ModelCheckpoint
-    writes its own file, a second LearningRateMonitor logs momentum, EarlyStopping stops a run whose val/loss stays
-    put (lr 0), EMA leaves other weights than plain training."""
+    """The LightningCLI docs' form, each callback doing its job beside the CLI's (EarlyStopping: val/loss stays put)."""
     short = ["--trainer.max_epochs=3", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
     short += ["--test_after_fit=false"]  # a test of the best checkpoint would load its weights back
     cli = fit("mnist.yaml", mnist_root, f"--trainer.callbacks+={name}", *CALLBACK_OPTIONS[name], *short)
@@ -174,16 +168,9 @@ def test_no_logger_trains_and_checkpoints(mnist_root):
     assert (Path(tested.trainer.log_dir) / "config.yaml").is_file() and "test/acc" in tested.trainer.callback_metrics
 
 
-def test_learning_rate_is_logged_once_and_configurable(mnist_root):
-    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", WIDTH_4]
-    cli = fit("fashion_mnist.yaml", mnist_root, CSV, *short, "--lr_monitor.log_momentum=true")
-    metrics = read_metrics(Path(cli.trainer.log_dir))
-    assert len(metrics["lr-AdamW/pg1"]) == 3 and "lr-AdamW/pg1-momentum" in metrics  # per step: OneCycle is per step
-
-
 def test_train_loss_is_logged_every_epoch_however_few_the_steps_and_epochs_count_from_one(mnist_root, capsys):
-    """3 steps an epoch, fewer than log_every_n_steps: the epoch's mean train/loss is logged anyway (it used to be
-    logged per step only, so never); the progress bar ends at Epoch 2/2, not at Lightning's 0-based Epoch 1/1."""
+    """3 steps an epoch, fewer than log_every_n_steps: the epoch's mean train/loss is logged anyway; the progress bar
+    ends at Epoch 2/2, not at Lightning's 0-based Epoch 1/1."""
     data = [f"--config={CONFIGS / 'mnist.yaml'}", CSV, f"--data.init_args.data_dir={mnist_root}"]
     short = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"]
     cli = cli_main(["fit", *data, *short, "--trainer.log_every_n_steps=50", "--trainer.enable_model_summary=false"])
@@ -194,12 +181,17 @@ def test_train_loss_is_logged_every_epoch_however_few_the_steps_and_epochs_count
     assert "Epoch 2/2" in shown and "Epoch 1/1" not in shown  # without a terminal, Rich draws the last state
 
 
+def computes_in(plugin) -> torch.dtype:
+    with plugin.forward_context():
+        return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+
+
 @pytest.mark.parametrize(("flags", "expected"), [(["amx_bf16"], torch.bfloat16), ([], torch.float32)])
 def test_cpu_recipes_take_bf16_where_the_cpu_has_it_and_an_explicit_precision_wins(
     flags, expected, mnist_root, monkeypatch, caplog, tmp_path
 ):
-    """The fast recipe computes in bf16 on a CPU with native bf16 only, says so at start, and yields to
-    --trainer.precision; the flags come from /proc/cpuinfo's `flags` line. The main job stays fp32 everywhere."""
+    """The fast recipe computes in bf16 on a CPU with native bf16 (/proc/cpuinfo's `flags`) only, says so at start, and
+    yields to --trainer.precision. The main job stays fp32 everywhere."""
     from project import precision
 
     cpuinfo = tmp_path / "cpuinfo"
@@ -209,13 +201,7 @@ def test_cpu_recipes_take_bf16_where_the_cpu_has_it_and_an_explicit_precision_wi
     plugin = fit("experiment/fashion_mnist_fast.yaml", mnist_root, run=False).trainer.precision_plugin
     with caplog.at_level("INFO"):
         plugin.convert_module(torch.nn.Linear(2, 2))
-    with plugin.forward_context():
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected
-    assert f"Precision: {'bf16-mixed' if flags else '32-true'} (" in caplog.text
-    main_job = fit("fashion_mnist.yaml", mnist_root, run=False).trainer.precision_plugin
-    with main_job.forward_context():
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    assert computes_in(plugin) == expected and f"Precision: {'bf16-mixed' if flags else '32-true'} (" in caplog.text
+    assert computes_in(fit("fashion_mnist.yaml", mnist_root, run=False).trainer.precision_plugin) == torch.float32
     explicit = fit("experiment/fashion_mnist_fast.yaml", mnist_root, "--trainer.precision=32-true", run=False)
-    explicit = explicit.trainer.precision_plugin
-    with explicit.forward_context():
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    assert computes_in(explicit.trainer.precision_plugin) == torch.float32

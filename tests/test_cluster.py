@@ -1,12 +1,11 @@
-"""Real launches of ``python -m project fit`` on 2 processes: torchrun on one machine, then 2 torchrun "nodes" on
-loopback resuming that run; a one-node SLURM cluster (tests/slurm.py) running srun, ``srun -n 2`` (refused) and
-``sbatch scripts/slurm/train.sbatch`` preempted by SIGUSR1 twice, requeueing refused then allowed. Checked from the
-exit codes, files and W&B offline runs; 101 test and 61 validation images: a sample counted twice would show."""
+"""Real launches of ``python -m project fit`` on 2 processes: 2 torchrun "nodes" on loopback; on a one-node SLURM
+cluster (tests/slurm.py) ``srun -n 2`` (refused) beside ``sbatch scripts/slurm/train.sbatch`` (its srun's tasks take
+their ranks from SLURM) preempted by SIGUSR1 twice, requeueing refused then allowed. Checked from the exit codes, files
+and W&B offline runs; 101 test and 61 validation images: a sample counted twice would show."""
 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,6 @@ pytestmark = pytest.mark.processes  # pytest-xdist keeps a test file on one work
 TIMEOUT_S = 300  # a hung launch fails instead of hanging CI; a launch takes 10 to 40 s
 STEPS = 5  # per epoch and process: (200 - 61 validation images) / 2 processes, in batches of 16
 METRICS = ("test/acc", "test/loss", "test/f1")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 class Probe(Callback):
@@ -37,35 +35,23 @@ class Probe(Callback):
     the signal finds one rank in Python code and the other blocked in gloo (what hangs Lightning's own handler)."""
 
     def __init__(self, folder: str, wait_at: list[int] | None = None) -> None:
-        self.folder, self.wait_at, self.restart = (
-            Path(folder),
-            wait_at or [],
-            os.environ.get("SLURM_RESTART_COUNT", "0"),
-        )
+        self.folder, self.wait_at = Path(folder), wait_at or []
+        self.restart = os.environ.get("SLURM_RESTART_COUNT", "0")
 
     def on_train_start(self, trainer, *args) -> None:
         env, ckpt = trainer.strategy.cluster_environment, trainer.ckpt_path
-        info = {
-            "environment": type(env).__name__,
-            "auto_requeue": getattr(env, "auto_requeue", None),
-            "node_rank": trainer.node_rank,
-            "num_nodes": trainer.num_nodes,
-            "world_size": trainer.world_size,
-            "start_step": trainer.global_step,
-            "ckpt_path": ckpt and str(Path(ckpt).resolve()),
-            "procid": os.environ.get("SLURM_PROCID"),
-            "job": os.environ.get("SLURM_JOB_ID"),
-        }
+        info = {"environment": type(env).__name__, "auto_requeue": getattr(env, "auto_requeue", None)}
+        info |= {"node_rank": trainer.node_rank, "num_nodes": trainer.num_nodes, "world_size": trainer.world_size}
+        info |= {"start_step": trainer.global_step, "ckpt_path": ckpt and str(Path(ckpt).resolve())}
+        info |= {"procid": os.environ.get("SLURM_PROCID"), "job": os.environ.get("SLURM_JOB_ID")}
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"start-{self.restart}-rank{trainer.global_rank}.json").write_text(json.dumps(info))
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_rank == 0 and trainer.global_step in self.wait_at and self.restart == "0":
             (self.folder / f"waiting-{trainer.global_step}").touch()
-            interrupt, deadline = (
-                next(c for c in trainer.callbacks if isinstance(c, GracefulInterrupt)),
-                time.time() + 120,
-            )
+            interrupt = next(c for c in trainer.callbacks if isinstance(c, GracefulInterrupt))
+            deadline = time.time() + 120
             while not interrupt.requeue_requested and time.time() < deadline:
                 time.sleep(0.05)
 
@@ -76,37 +62,18 @@ def probes(folder: Path, restart: int = 0) -> dict[int, dict]:
 
 def fit(data: Path, probe: Path, *extra: str) -> list[str]:
     """``-m project fit`` on 2 CPU processes (gloo), 1 epoch, W&B offline, tested after fit, with the probe."""
-    return [
-        "-m",
-        "project",
-        *ddp(
-            "fit",
-            data,
-            "--trainer.max_epochs=1",
-            "--test_after_fit=true",
-            "--trainer.callbacks+=tests.test_cluster.Probe",
-            f"--trainer.callbacks.folder={probe}",
-            *extra,
-        ),
-    ]
+    probe_args = ["--trainer.callbacks+=tests.test_cluster.Probe", f"--trainer.callbacks.folder={probe}"]
+    return ["-m", "project", *ddp("fit", data, "--trainer.max_epochs=1", "--test_after_fit=true", *probe_args, *extra)]
 
 
 def environment(tmp: Path, cluster: slurm.Cluster | None = None) -> dict[str, str]:
     """No launcher or W&B variables of this process; the repository importable; W&B offline in ``tmp``; loopback.
     Under SLURM, a free MASTER_PORT: Lightning's default (15000 + the job id's last digits) may be taken."""
-    env = {
-        k: v for k, v in os.environ.items() if not re.match(r"MASTER_|RANK|LOCAL_|WORLD_|TORCHELASTIC|SLURM|WANDB", k)
-    }
-    env |= {
-        "PYTHONPATH": str(ROOT),
-        "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_DIR": str(tmp / "wandb"),
-        **{f"WANDB_{name}_DIR": str(tmp / "wandb") for name in ("DATA", "CACHE", "CONFIG", "ARTIFACT")},
-    }
+    launcher = re.compile(r"MASTER_|RANK|LOCAL_|WORLD_|TORCHELASTIC|SLURM|WANDB")
+    env = {k: v for k, v in os.environ.items() if not launcher.match(k)}
+    env |= {"PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "OMP_NUM_THREADS": "1"}
+    env |= {"GLOO_SOCKET_IFNAME": "lo", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env |= {f"WANDB_{name}DIR": str(tmp / "wandb") for name in ("", "DATA_", "CACHE_", "CONFIG_", "ARTIFACT_")}
     return env | ({"SLURM_CONF": str(cluster.conf), "MASTER_PORT": str(slurm.free_port())} if cluster else {})
 
 
@@ -145,185 +112,76 @@ def wait(process: subprocess.Popen, ready, what: str, every: float = 0.1):
     return found
 
 
-def one_run(cwd: Path, root: str = "runs") -> Path:
-    """Rank 0 alone wrote: one run folder under ``cwd/root``, one config.yaml and one W&B run; returns the folder."""
-    (run,) = (cwd / root / "mnist").iterdir()
-    assert run.name == "version_0" and list(cwd.rglob("config.yaml")) == [run / "config.yaml"]
-    assert len(list(cwd.rglob("*.wandb"))) == 1, "one W&B run, started by rank 0 only"
-    return run
-
-
-def best_checkpoint(run: Path, epochs: int = 1) -> Path:
-    """The best and the last checkpoint load as plain data and hold the whole training; returns the best."""
-    (best,) = (run / "checkpoints").glob("epoch=*.ckpt")
-    for path, epoch in ((best, int(best.name[6:9])), (run / "checkpoints" / "last.ckpt", epochs - 1)):
+def best_checkpoint(run: Path) -> Path:
+    """The best and the last checkpoint load as plain data and hold the whole (1-epoch) training; returns the best."""
+    (best,) = (run / "checkpoints").glob("epoch=000*.ckpt")
+    for path in (best, run / "checkpoints" / "last.ckpt"):
         checkpoint = torch.load(path, weights_only=True)
-        assert checkpoint["global_step"] == (epoch + 1) * STEPS and "net.layers.1.weight" in checkpoint["state_dict"]
+        assert checkpoint["global_step"] == STEPS and "net.layers.1.weight" in checkpoint["state_dict"]
     return best
 
 
 def checked_metrics(run: dict) -> dict[str, float]:
     """The W&B run's test metrics, once its confusion matrix shows each test image counted once."""
-    rows = json.loads((run["dir"] / "files" / run["summary"]["test/confusion_matrix_table"]["path"]).read_text())[
-        "data"
-    ]
+    table = run["dir"] / "files" / run["summary"]["test/confusion_matrix_table"]["path"]
+    rows = json.loads(table.read_text())["data"]
     assert sum(n for *_, n in rows) == N_TEST
     assert run["summary"]["test/acc"] == pytest.approx(sum(n for a, p, n in rows if a == p) / N_TEST, abs=1e-6)
     return {key: run["summary"][key] for key in METRICS}
 
 
-def parts(folder: Path) -> list[dict]:
-    """The W&B offline runs under ``folder``, oldest first (a resumed run goes on in a new one)."""
-    return [read_wandb_run(f) for f in sorted(folder.rglob("*.wandb"), key=lambda f: f.stat().st_mtime_ns)]
+def test_two_torchrun_nodes_on_loopback_count_every_test_sample_once(odd_mnist, tmp_path):
+    """2 "nodes" x 1 process (static rendezvous on 127.0.0.1): ranks from torchrun, rank 0 alone writes, and the test
+    metrics equal those of a 1-process ``test`` (in this process) of the best checkpoint."""
+    port, env = slurm.free_port(), environment(tmp_path)
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+    node += ["--master_addr=127.0.0.1", f"--master_port={port}"]
+    argv = fit(odd_mnist, tmp_path / "probe", "--trainer.devices=1", "--trainer.num_nodes=2")
+    finish(*[start([*node, f"--node_rank={rank}", *argv], tmp_path, env) for rank in (0, 1)])
+    ranks = probes(tmp_path / "probe").values()
+    assert {(r["node_rank"], r["num_nodes"], r["world_size"], r["environment"]) for r in ranks} == {
+        (rank, 2, 2, "TorchElasticEnvironment") for rank in (0, 1)
+    }
+    (run,) = (tmp_path / "runs" / "mnist").iterdir()
+    assert run.name == "version_0" and list(tmp_path.rglob("config.yaml")) == [run / "config.yaml"]
+    assert len(list(tmp_path.rglob("*.wandb"))) == 1, "one W&B run, started by rank 0 only"
+    best = best_checkpoint(run)
+    single = ["--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto", "--trainer.logger=false"]
+    single += [f"--trainer.default_root_dir={tmp_path / 'single'}"]
+    tested = cli_main(["test", f"--config={run / 'config.yaml'}", f"--ckpt_path={best}", *single])
+    expected = {key: float(tested.trainer.callback_metrics[key]) for key in METRICS}
+    assert checked_metrics(read_wandb_run(run)) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
-def train_steps(run: dict) -> list[int]:
-    return [row["trainer/global_step"] for row in run["history"] if "train/loss_step" in row]
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture
 def slurm_cluster(tmp_path_factory):
     if why := slurm.missing():
         unavailable(why)
-    cluster = slurm.Cluster(tmp_path_factory.mktemp("slurm"))
+    cluster = slurm.Cluster(tmp_path_factory.mktemp("slurm"), cpus=4)  # the sbatch job's 2 tasks and srun's 2
     yield cluster
     cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def torchrun(odd_mnist, tmp_path_factory) -> tuple[Path, dict[str, float]]:
-    """``torchrun --standalone --nproc_per_node 2 -m project fit ...``, and the metrics of a 1-process ``python -m
-    project test`` (in this process) of its best checkpoint."""
-    tmp = tmp_path_factory.mktemp("torchrun")
-    finish(
-        start([*TORCHRUN, "--standalone", "--nproc_per_node=2", *fit(odd_mnist, tmp / "probe")], tmp, environment(tmp))
-    )
-    best = best_checkpoint(one_run(tmp))
-    single = cli_main(
-        [
-            "test",
-            f"--config={best.parents[1] / 'config.yaml'}",
-            f"--ckpt_path={best}",
-            "--trainer.devices=1",
-            "--trainer.strategy=auto",
-            "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path_factory.mktemp('single')}",
-        ]
-    )
-    return tmp, {key: float(single.trainer.callback_metrics[key]) for key in METRICS}
-
-
-def test_torchrun_two_processes(torchrun):
-    tmp, single = torchrun
-    ranks = probes(tmp / "probe")
-    assert {rank: (r["environment"], r["world_size"]) for rank, r in ranks.items()} == {
-        0: ("TorchElasticEnvironment", 2),
-        1: ("TorchElasticEnvironment", 2),
-    }
-    assert checked_metrics(read_wandb_run(one_run(tmp))) == pytest.approx(single, rel=1e-5, abs=1e-6)
-
-
-def test_two_torchrun_nodes_on_loopback_resume_the_run(torchrun, tmp_path):
-    """2 "nodes" x 1 process (static rendezvous on 127.0.0.1) resume a copy of the torchrun run from its last.ckpt
-    for a second epoch: a new run folder, the same W&B run id, steps going on."""
-    shutil.copytree(torchrun[0] / "runs", tmp_path / "runs", symlinks=True)
-    first, port = tmp_path / "runs" / "mnist" / "version_0", slurm.free_port()
-    nodes = [
-        start(
-            [
-                *TORCHRUN,
-                "--nnodes=2",
-                f"--node_rank={rank}",
-                "--nproc_per_node=1",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "-m",
-                "project",
-                "fit",
-                f"--config={first / 'config.yaml'}",
-                f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
-                "--trainer.max_epochs=2",
-                "--trainer.devices=1",
-                "--trainer.num_nodes=2",
-                f"--trainer.callbacks.folder={tmp_path / 'probe'}",
-            ],
-            tmp_path,
-            environment(tmp_path),
-        )
-        for rank in (0, 1)
-    ]
-    finish(*nodes)
-    ranks = probes(tmp_path / "probe")
-    assert {(r["node_rank"], r["num_nodes"], r["world_size"], r["environment"]) for r in ranks.values()} == {
-        (0, 2, 2, "TorchElasticEnvironment"),
-        (1, 2, 2, "TorchElasticEnvironment"),
-    }
-    assert {(r["start_step"], r["ckpt_path"]) for r in ranks.values()} == {
-        (STEPS, str(first / "checkpoints" / "last.ckpt"))
-    }
-    second = tmp_path / "runs" / "mnist" / "version_1"
-    assert sorted(second.parent.iterdir()) == [first, second] and len(list(second.rglob("config.yaml"))) == 1
-    best_checkpoint(second, epochs=2)
-    before, after = parts(tmp_path / "runs")
-    assert before["dir"].is_relative_to(first) and before["id"] == after["id"], (before["dir"], after["dir"])
-    assert train_steps(before) + train_steps(after) == list(range(2 * STEPS)) and checked_metrics(after)
-
-
-def test_srun_two_tasks_take_their_ranks_from_slurm(odd_mnist, torchrun, slurm_cluster, tmp_path):
-    stale = tmp_path / "runs" / "hpc_ckpt_1.ckpt"  # where every SLURM job resumed from before a folder per job
-    stale.parent.mkdir()
-    shutil.copy(torchrun[0] / "runs" / "mnist" / "version_0" / "checkpoints" / "last.ckpt", stale)
-    argv = [
-        "srun",
-        "-N1",
-        "--ntasks-per-node=2",
-        "--kill-on-bad-exit=1",
-        sys.executable,
-        *fit(odd_mnist, tmp_path / "probe"),
-    ]
-    finish(start(argv, tmp_path, environment(tmp_path, slurm_cluster)))
-    ranks = probes(tmp_path / "probe")
-    assert {
-        rank: (r["environment"], r["auto_requeue"], r["procid"], r["world_size"], r["start_step"])
-        for rank, r in ranks.items()
-    } == {0: ("SLURMEnvironment", False, "0", 2, 0), 1: ("SLURMEnvironment", False, "1", 2, 0)}
-    run = one_run(tmp_path, f"runs/slurm-{ranks[0]['job']}")
-    ours, theirs = (
-        torch.load(best_checkpoint(r), weights_only=True)["state_dict"] for r in (run, one_run(torchrun[0]))
-    )
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), (
-        "srun's 2 tasks train exactly as torchrun's 2 processes"
-    )
-    assert checked_metrics(read_wandb_run(run)) == pytest.approx(torchrun[1], rel=1e-5, abs=1e-6)
-
-
-def test_srun_ntasks_is_refused_in_one_line_per_task(odd_mnist, slurm_cluster, tmp_path):
-    argv = ["srun", "-n", "2", "--label", sys.executable, "-m", "project", *ddp("fit", odd_mnist)]
-    (out,) = finish(start(argv, tmp_path, environment(tmp_path, slurm_cluster)), code=2)
+def test_srun_ntasks_refused_and_sbatch_job_requeued_on_sigusr1_resumes_as_one_run(odd_mnist, slurm_cluster, tmp_path):
+    """``srun -n 2`` fails in one line per task. ``sbatch --wait scripts/slurm/train.sbatch`` (1 epoch of 5 steps):
+    its tasks take ranks and world size from SLURM and ignore a stale ``runs/hpc_ckpt_1.ckpt`` (where every job
+    resumed from before a folder per job); SIGUSR1 at step 2 while the job may not be requeued (as with
+    ``--no-requeue``): a checkpoint, training goes on; at step 4 while it may: a checkpoint, the job is requeued,
+    starts again and resumes from it by itself, one W&B run across the pieces."""
+    probe, cluster = tmp_path / "probe", slurm_cluster
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "hpc_ckpt_1.ckpt").write_bytes(b"a stale checkpoint: any start that reads it fails")
+    options = ["--wait", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+    job_args = fit(odd_mnist, probe, "--trainer.callbacks.wait_at=[2,4]")[3:]
+    argv = ["sbatch", *options, str(ROOT / "scripts/slurm/train.sbatch"), *job_args]
+    sbatch = start(argv, tmp_path, environment(tmp_path, cluster))
+    refused = tmp_path / "refused"  # started beside the job: its own folder, W&B folder and marker
+    srun = ["srun", "-n", "2", "--label", sys.executable, "-m", "project", *ddp("fit", odd_mnist)]
+    (out,) = finish(start(srun, refused, environment(refused, cluster)), code=2)
     errors = sorted(re.findall(r"^(\d): (error: .*)$", out, re.M))
-    assert [task for task, _ in errors] == ["0", "1"], out
-    assert all(e.endswith("HINT: Use `--ntasks-per-node=2` instead.") for _, e in errors) and "Traceback" not in out, (
-        out
-    )
-    assert not (tmp_path / "runs").exists()
-
-
-def test_sbatch_job_requeued_on_sigusr1_resumes_as_one_run(odd_mnist, slurm_cluster, tmp_path):
-    """``sbatch --wait scripts/slurm/train.sbatch`` (2 epochs of 5 steps) gets SIGUSR1 at step 2 while the job may not
-    be requeued (as with ``--no-requeue``): a checkpoint, training goes on; and at step 4 while it may: a checkpoint,
-    the job is requeued, starts again and resumes from it by itself, one W&B run across the pieces."""
-    probe = tmp_path / "probe"
-    argv = [
-        "sbatch",
-        "--wait",
-        "--ntasks-per-node=2",
-        "--gpus-per-node=0",
-        "--cpus-per-task=1",
-        "--time=10",
-        str(ROOT / "scripts" / "slurm" / "train.sbatch"),
-        *fit(odd_mnist, probe, "--trainer.callbacks.wait_at=[2,4]", "--trainer.max_epochs=2")[3:],
-    ]
-    sbatch, cluster = start(argv, tmp_path, environment(tmp_path, slurm_cluster)), slurm_cluster
+    assert [task for task, _ in errors] == ["0", "1"] and "Traceback" not in out, out
+    assert all(e.endswith("HINT: Use `--ntasks-per-node=2` instead.") for _, e in errors), out
+    assert not (refused / "runs").exists()
     for step, requeue in ((2, 0), (4, 1)):
         wait(sbatch, lambda step=step: (probe / f"waiting-{step}").exists(), f"training never reached step {step}")
         job = probes(probe)[0]["job"]
@@ -332,12 +190,9 @@ def test_sbatch_job_requeued_on_sigusr1_resumes_as_one_run(odd_mnist, slurm_clus
     # SLURM holds a requeued job back for about 2 minutes (its EligibleTime): start it at once
     wait(sbatch, lambda: (s := cluster.job(job))["Restarts"] == "1" and s["JobState"] == "PENDING", "requeue")
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-    state = wait(  # every 0.5 s, not 0.1 (each scontrol costs CPU): a finished job stays visible for MinJobAge (4 s)
-        sbatch,
-        lambda: (s := cluster.job(job))["JobState"] not in ("PENDING", "RUNNING", "COMPLETING") and s,
-        "end",
-        every=0.5,
-    )
+    # every 0.5 s, not 0.1 (each scontrol costs CPU): a finished job stays visible for MinJobAge (4 s)
+    running = ("PENDING", "RUNNING", "COMPLETING")
+    state = wait(sbatch, lambda: (s := cluster.job(job))["JobState"] not in running and s, "end", every=0.5)
     (out,) = finish(sbatch)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert (state["JobState"], state["Restarts"], state["ExitCode"]) == ("COMPLETED", "1", "0:0"), out + log
@@ -348,24 +203,21 @@ def test_sbatch_job_requeued_on_sigusr1_resumes_as_one_run(odd_mnist, slurm_clus
     assert lines == [
         f"SLURM requeue signal at step 2: saved runs/slurm-{job}/hpc_ckpt_1.ckpt; `scontrol requeue {job}` "
         "failed (...): training goes on",
-        f"SLURM requeue signal at step 4: saved runs/slurm-{job}/hpc_ckpt_2"
-        f".ckpt; requeued job {job}, which resumes from it",
+        f"SLURM requeue signal at step 4: saved runs/slurm-{job}/hpc_ckpt_2.ckpt; requeued job {job}, which resumes "
+        "from it",
     ], log
-    starts = [
-        {
-            rank: (r["environment"], r["auto_requeue"], r["procid"], r["start_step"], r["ckpt_path"])
-            for rank, r in probes(probe, restart).items()
-        }
-        for restart in (0, 1)
-    ]
+    keys = ("environment", "auto_requeue", "procid", "world_size", "start_step", "ckpt_path")
+    starts = [{rank: tuple(r[k] for k in keys) for rank, r in probes(probe, restart).items()} for restart in (0, 1)]
     assert starts == [
-        {rank: ("SLURMEnvironment", False, str(rank), step, ckpt) for rank in (0, 1)}
+        {rank: ("SLURMEnvironment", False, str(rank), 2, step, ckpt) for rank in (0, 1)}
         for step, ckpt in ((0, None), (4, str(hpc[1].resolve())))
-    ]  # by itself, from the newest hpc_ckpt
+    ]  # by itself, from the newest hpc_ckpt of its own folder
     folders = sorted((root / "mnist").iterdir())  # one per start of the job, written by rank 0
     assert [f.name for f in folders] == ["version_0", "version_1"] and len(list(root.rglob("config.yaml"))) == 2
-    best_checkpoint(folders[1], epochs=2)
-    pieces = parts(root)  # before the refused requeue, after it, after the restart
-    steps = [train_steps(p) for p in pieces]
-    assert len({p["id"] for p in pieces}) == 1 and sum(steps, []) == list(range(2 * STEPS)), steps
+    assert len(list(tmp_path.rglob("config.yaml"))) == 2, "rank 1 writes no run folder"
+    best_checkpoint(folders[1])
+    # the W&B pieces, oldest first: before the refused requeue, after it, after the restart
+    pieces = [read_wandb_run(f) for f in sorted(root.rglob("*.wandb"), key=lambda f: f.stat().st_mtime_ns)]
+    steps = [[row["trainer/global_step"] for row in p["history"] if "train/loss_step" in row] for p in pieces]
+    assert len({p["id"] for p in pieces}) == 1 and sum(steps, []) == list(range(STEPS)), steps
     checked_metrics(pieces[-1])

@@ -22,22 +22,11 @@ from project.checkpoint_io import SafeCheckpointIO, load_checkpoint
 from project.cli import cli_main
 from project.errors import UserError
 from project.models.nets import MLP
-from tests.conftest import CONFIGS, CSV, QUIET, fails, fit, run_module
+from tests.conftest import fails, fit, run_module
+from tests.test_errors import mnist
 
 HIDDEN = "--model.init_args.net.init_args.hidden=[16]"
 SHORT = ["--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2", HIDDEN]
-
-
-class NaNGradient(torch.autograd.Function):
-    """Identity forward; NaN gradient backward: the loss stays finite while the gradients do not."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
 
 
 class NaNAfter(MLP):
@@ -50,69 +39,56 @@ class NaNAfter(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += self.training
         logits = super().forward(x)
-        return NaNGradient.apply(logits) if self.calls == self.nan_at and self.training else logits
-
-
-def mnist(data_dir: Path, *extra: str) -> list[str]:
-    """The options of ``fit`` on the MNIST config, quiet, with CSV logs, and ``extra``."""
-    return [f"--config={CONFIGS / 'mnist.yaml'}", CSV, f"--data.init_args.data_dir={data_dir}", *QUIET, *extra]
+        if self.calls == self.nan_at and self.training:
+            logits.register_hook(lambda grad: grad * float("nan"))
+        return logits
 
 
 def all_finite(path: Path) -> bool:
     return all(v.isfinite().all() for v in torch.load(path, weights_only=True)["state_dict"].values())
 
 
-def only_good_checkpoints_kept(line: str, step: int | None) -> None:
-    """None saved (``step`` None) and the message says so; or epoch 0's best and last.ckpt, finite, from ``step``,
-    and the message names the last one."""
+NAN_NET = "--model.init_args.net.class_path=tests.test_faults.NaNAfter"
+STEP_LR = ["--model.scheduler=torch.optim.lr_scheduler.StepLR", "--model.scheduler.step_size=1"]
+HUGE_LR = ["--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.1", *STEP_LR, "--model.scheduler.gamma=1e30"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "kept"),
+    [
+        ([NAN_NET, "--model.init_args.net.init_args.nan_at=4"], r"3 \(epoch 0", None),
+        ([NAN_NET, "--model.init_args.net.init_args.nan_at=7"], r"6 \(epoch 1", 4),
+        (HUGE_LR, r"[5-7] \(epoch 1", 4),
+    ],
+    ids=["nan_at_step_3", "nan_at_step_6", "huge_learning_rate"],
+)
+def test_non_finite_gradients_never_reach_a_checkpoint(extra, where, kept, capsys, mnist_root):
+    """NaN gradients with a finite loss at epoch 0's last step (nothing saved yet) or in epoch 1, or SGD whose lr jumps
+    to 1e29 after epoch 0 (then it stops in epoch 1): stopped before the update, every file on disk finite, the
+    message naming a checkpoint only if it exists."""
+    line = fails(["fit", *mnist(mnist_root, *SHORT, "--trainer.max_epochs=3", *extra)], capsys)
+    assert re.search(rf"gradients are not finite at step {where}\)", line) and "lr" in line, line
     saved = sorted(Path("runs/mnist/version_0/checkpoints").glob("*.ckpt"))
-    if step is None:
+    if kept is None:
         assert saved == [] and "no checkpoint was written" in line
-        return
-    assert len(saved) == 2 and f"last good checkpoint: {saved[-1]}" in line
-    for path in saved:
-        assert all_finite(path) and torch.load(path, weights_only=True)["global_step"] == step
-
-
-@pytest.mark.parametrize(("nan_at", "kept"), [(4, None), (7, 4)])
-def test_non_finite_gradients_never_reach_a_checkpoint(nan_at, kept, capsys, mnist_root):
-    """NaN gradients with a finite loss, at the last step of epoch 0 (nothing saved yet) or in epoch 1 (epoch 0's
-    checkpoints, at step 4, are the last good ones): the run stops before the update, every file on disk is finite,
-    and the message names a checkpoint only if it exists."""
-    net = [
-        "--model.init_args.net.class_path=tests.test_faults.NaNAfter",
-        f"--model.init_args.net.init_args.nan_at={nan_at}",
-    ]
-    line = fails(["fit", *mnist(mnist_root, *SHORT, "--trainer.max_epochs=3", *net)], capsys)
-    assert f"gradients are not finite at step {nan_at - 1} (epoch {(nan_at - 1) // 4})" in line and "lr" in line
-    only_good_checkpoints_kept(line, kept)
+    else:  # epoch 0's best and last.ckpt, finite
+        assert len(saved) == 2 and f"last good checkpoint: {saved[-1]}" in line
+        assert all(all_finite(path) and torch.load(path, weights_only=True)["global_step"] == kept for path in saved)
 
 
 def test_fp16_gradient_scaler_is_left_to_skip_non_finite_steps():
-    """Under ``16-mixed`` (a gradient scaler, as on a GPU) non-finite gradients are the scaler's to skip, not an
-    error; under ``bf16-mixed`` (no scaler) the same gradients stop the run."""
+    """Under ``16-mixed`` non-finite gradients are the gradient scaler's to skip; under ``bf16-mixed`` they stop it."""
     weight = torch.nn.Parameter(torch.ones(2))
     weight.grad = torch.tensor([1.0, float("nan")])
     optimizer = torch.optim.SGD([weight], lr=0.1)
     guard = NonFiniteGuard()
     guard.on_before_backward(None, None, torch.tensor(float("nan")))
     for precision, stops in [("16-mixed", False), ("bf16-mixed", True)]:
-        trainer = SimpleNamespace(
-            precision_plugin=MixedPrecision(precision, "cpu"), checkpoint_callbacks=[], global_step=3, current_epoch=0
-        )
+        plugin = MixedPrecision(precision, "cpu")
+        trainer = SimpleNamespace(precision_plugin=plugin, checkpoint_callbacks=[], global_step=3, current_epoch=0)
         message = "training loss is nan and the gradients are not finite at step 3 "
         with pytest.raises(UserError, match=message) if stops else nullcontext():
             guard.on_before_optimizer_step(trainer, None, optimizer)
-
-
-def test_huge_learning_rate_is_caught(capsys, mnist_root):
-    """SGD whose learning rate jumps to 1e29 after epoch 0 (StepLR): training diverges in epoch 1 and stops at the
-    first non-finite gradients, leaving epoch 0's checkpoints as they were and naming the last one."""
-    step_lr = ["--model.scheduler=torch.optim.lr_scheduler.StepLR", "--model.scheduler.step_size=1"]
-    sgd = ["--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.1", *step_lr, "--model.scheduler.gamma=1e30"]
-    line = fails(["fit", *mnist(mnist_root, *SHORT, "--trainer.max_epochs=3", *sgd)], capsys)
-    assert re.search(r"gradients are not finite at step [5-7] \(epoch 1\)", line), line
-    only_good_checkpoints_kept(line, 4)
 
 
 def failing_save(after_bytes: int):
@@ -140,9 +116,7 @@ def test_checkpoint_writes_are_atomic_and_finite(tmp_path, monkeypatch):
 
 
 def test_checkpoint_reads_honour_the_device_remote_paths_and_name_what_is_wrong(tmp_path):
-    """Tensors go where asked (a GPU run's checkpoint read on a CPU machine; "meta" here), fsspec URLs (s3://, gs://;
-    memory:// here) through Lightning's remote write and read, and a file that cannot be read is named in one line
-    saying why: missing, a pickle of something else, or damaged (a truncated download)."""
+    """Tensors go where asked ("meta"), fsspec URLs (memory://) work, an unreadable file is one line saying why."""
     io, path = SafeCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
     for mmap in (False, True):
@@ -168,8 +142,7 @@ def test_checkpoint_reads_honour_the_device_remote_paths_and_name_what_is_wrong(
 
 
 def test_a_checkpoint_read_is_handed_over_once_under_mmap_and_never_stale(tmp_path):
-    """With ``mmap`` the file read (by the CLI) is handed to the next load of the same path, once; otherwise, and
-    after that, every load reads the file as it is now."""
+    """With ``mmap`` the CLI's read is handed to the next load of the same path, once; other loads read the file."""
     path = tmp_path / "last.ckpt"
     for mmap in (False, True):
         io = SafeCheckpointIO(mmap) if mmap else SafeCheckpointIO()
@@ -196,17 +169,11 @@ def test_disk_full_during_fit_is_one_line_and_keeps_earlier_checkpoints(capsys, 
 
 
 def test_resumed_run_is_bit_identical_and_last_ckpt_follows_every_epoch(mnist_root):
-    """Dropout, shuffling and augmentation draw from the RNG: a run resumed from an end-of-epoch last.ckpt ends with
-    the weights of an uninterrupted one (both loaders). lr=0 after epoch 0 would freeze the best checkpoint; last.ckpt
-    still moves every epoch."""
+    """Resumed from an end-of-epoch last.ckpt (dropout, shuffling, augmentation), both loaders end with the weights of
+    an uninterrupted run; with lr 0 the best checkpoint stays at epoch 0 while last.ckpt moves every epoch."""
     for loader in ("torchvision", "tensor"):
-        common = [
-            *SHORT,
-            "--model.init_args.net.init_args.dropout=0.5",
-            "--data.init_args.augment=standard",
-            f"--data.init_args.loader={loader}",
-            "--trainer.deterministic=true",
-        ]
+        common = [*SHORT, "--model.init_args.net.init_args.dropout=0.5", "--data.init_args.augment=standard"]
+        common += [f"--data.init_args.loader={loader}", "--trainer.deterministic=true"]
         straight = fit("mnist.yaml", mnist_root, *common, "--trainer.max_epochs=3")
         first = fit("mnist.yaml", mnist_root, *common, "--trainer.max_epochs=1")
         config = Path(first.trainer.log_dir) / "config.yaml"
@@ -221,9 +188,7 @@ def test_resumed_run_is_bit_identical_and_last_ckpt_follows_every_epoch(mnist_ro
 
 
 class SignalAt(Callback):
-    """Sends its own process ``signal`` right after training step ``at`` (before the checkpoints of that step:
-    Lightning runs ModelCheckpoint's hooks last), as a Ctrl-C or a crash would at a known step; records the step each
-    start began from in ``<folder>/start-<pid>``."""
+    """Sends its own process ``signal`` after step ``at`` (before that step's checkpoints); records start steps."""
 
     def __init__(self, folder: str, at: int = -1, signal: str = "SIGKILL") -> None:
         self.folder, self.at, self.signal = Path(folder), at, getattr(signal_module, signal)
@@ -250,30 +215,23 @@ def started_at(folder: Path) -> int:
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, mnist_root):
-    """SIGINT, as Ctrl-C sends it, after step 3: the step ends, last.ckpt holds it, exit code 1 and the command that
-    resumes; the resumed run goes on from there to the end (2 epochs of 17 steps)."""
+    """SIGINT after step 3: last.ckpt holds it, exit code 1, the command that resumes; which goes on to step 34."""
     args = mnist(mnist_root, "--trainer.max_epochs=2", "--data.init_args.batch_size=32", HIDDEN)
     done = launch(tmp_path, tmp_path / "probe", *args, at=3, signal="SIGINT")
     assert done.returncode == 1, done.stderr[-3000:]
     (line,) = [line for line in done.stderr.splitlines() if "resume with:" in line]
-    saved = Path("runs/mnist/version_0/checkpoints/last.ckpt")
-    assert line == (
-        f"interrupted at epoch 0, step 3; saved {saved}; resume with: python -m project fit -c "
-        f"runs/mnist/version_0/config.yaml --ckpt_path {saved}"
-    )
+    config, saved = "runs/mnist/version_0/config.yaml", Path("runs/mnist/version_0/checkpoints/last.ckpt")
+    resume = f"python -m project fit -c {config} --ckpt_path {saved}"
+    assert line == f"interrupted at epoch 0, step 3; saved {saved}; resume with: {resume}"
     assert torch.load(saved, weights_only=True)["global_step"] == 3 and all_finite(saved)
-    resumed = cli_main(
-        ["fit", "-c", "runs/mnist/version_0/config.yaml", f"--ckpt_path={saved}", "--trainer.callbacks=null"]
-    )
+    resumed = cli_main(["fit", "-c", config, f"--ckpt_path={saved}", "--trainer.callbacks=null"])
     assert resumed.trainer.global_step == 34, "resumed at the saved step, not restarted from scratch"
 
 
 @pytest.mark.processes  # three fit processes
 def test_sigkill_mid_epoch_and_resume_is_bit_identical(tmp_path, mnist_root):
-    """SIGKILLed mid-epoch twice (after steps 5 and 24 of 51) and resumed each time with `--ckpt_path last` from a
-    shared checkpoint folder (last.ckpt refreshed every 3 steps; the tensor loader restores its position): each
-    resume starts from the newest checkpoint before the kill (steps 3 and 21: the save of step 24 never happened),
-    and the final weights equal those of an uninterrupted run."""
+    """SIGKILLed after steps 5 and 24 of 51, resumed with `--ckpt_path last` (saved every 3 steps) from steps 3 and 21
+    (the tensor loader restores its position): the final weights equal an uninterrupted run's."""
     data = ["--data.init_args.batch_size=32", "--data.init_args.augment=standard", "--data.init_args.loader=tensor"]
     run = [*data, "--trainer.max_epochs=3", "--trainer.limit_val_batches=2", HIDDEN]
     every = "--last_checkpoint.every_n_train_steps=3"
