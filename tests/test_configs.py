@@ -1,8 +1,6 @@
-"""Every shipped config, alone or stacked on its data set's config as the README says to use it: its printed config
-(what `--print_config` shows and a run's `config.yaml` holds) parses back to the same config, and a tiny real run of
-it (a few batches, 1 to 3 epochs; loggers, checkpoints and callbacks live) on format-exact data shows the config's
-own effect. Configs that add callbacks are stacked after another callback config: all their callbacks must be
-there."""
+"""Every shipped config, stacked on its data set's config as the README uses it: its printed config parses back to the
+same config, and a tiny real run of it on format-exact data shows the config's own effect. Configs that add
+callbacks are stacked after another callback config: all their callbacks must be there."""
 
 import copy
 from pathlib import Path
@@ -86,8 +84,8 @@ SMALL = {  # small nets and batches, few of them; limit_batches.yaml and overfit
 
 
 class Probe(Callback):
-    """What a run did: the weights it started from and those after its last step, each step's gradient norm before
-    and after Lightning clips it, the labels of each training batch, the metrics at the end of fit."""
+    """What a run did: its first and last weights, each step's gradient norm before and after clipping, the labels of
+    each training batch, the metrics at the end of fit."""
 
     def __init__(self) -> None:
         self.norms, self.batches, self.before, self.last, self.fit_metrics = [], [], {}, {}, {}

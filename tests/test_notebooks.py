@@ -78,21 +78,11 @@ def final_metrics(out: str) -> dict[str, dict[str, float | None]]:
 
 def test_compare_runs_reads_wandb_offline_runs(kernel, mnist_root, tmp_path):
     """Two runs with the default logger (W&B, offline), read back from disk: differing key, curves, final metrics."""
+    args = ["fit", f"--config={CONFIGS / 'mnist.yaml'}", f"--data.init_args.data_dir={mnist_root}", *QUIET]
+    args += [*TINY.split(), "--trainer.max_epochs=2", "--wandb_watch.log=null", "--wandb_media.every_n_epochs=0"]
+    args += ["--model.init_args.net.init_args.hidden=[16]"]
     for lr in ("0.01", "0.001"):
-        cli_main(
-            [
-                "fit",
-                f"--config={CONFIGS / 'mnist.yaml'}",
-                f"--data.init_args.data_dir={mnist_root}",
-                *QUIET,
-                *TINY.split(),
-                "--trainer.max_epochs=2",
-                "--wandb_watch.log=null",
-                "--wandb_media.every_n_epochs=0",
-                "--model.init_args.net.init_args.hidden=[16]",
-                f"--model.init_args.optimizer.init_args.lr={lr}",
-            ]
-        )
+        cli_main([*args, f"--model.init_args.optimizer.init_args.lr={lr}"])
     runs = [read_wandb_run(tmp_path / "runs" / "mnist" / f"version_{i}") for i in (0, 1)]
     out, images = run_notebook(kernel, "compare_runs.ipynb", NB_RUNS=str(tmp_path / "runs" / "*" / "version_*"))
     assert "2 runs: mnist/version_0, mnist/version_1" in out and f"mnist/version_1: W&B {runs[1]['id']}" in out
@@ -110,26 +100,11 @@ def test_quickstart_on_mnist_and_your_images_then_compare_csv_runs(kernel, mnist
     (cache / "lightning-template" / "data").mkdir(parents=True)
     (cache / "lightning-template" / "data" / "MNIST").symlink_to(mnist_root / "MNIST")
     runs, accuracy = tmp_path / "runs", {}
-    for name, env in (
-        (
-            "mnist",
-            {
-                "NB_DATA_MODULE": "project.data.MNISTDataModule",
-                "XDG_CACHE_HOME": str(cache),
-                "NB_DATA_ARGS": json.dumps({"loader": "tensor"}),
-                "NB_MAX_EPOCHS": "1",
-            },
-        ),
-        (
-            "image_folder",
-            {
-                "NB_DATA_MODULE": "project.data.ImageFolderDataModule",
-                "NB_MAX_EPOCHS": "2",
-                "NB_DATA_DIR": str(image_root),
-                "NB_DATA_ARGS": json.dumps({"image_size": 16}),
-            },
-        ),
+    for name, module, epochs, data_args, env in (
+        ("mnist", "MNISTDataModule", "1", {"loader": "tensor"}, {"XDG_CACHE_HOME": str(cache)}),
+        ("image_folder", "ImageFolderDataModule", "2", {"image_size": 16}, {"NB_DATA_DIR": str(image_root)}),
     ):
+        env.update(NB_DATA_MODULE=f"project.data.{module}", NB_MAX_EPOCHS=epochs, NB_DATA_ARGS=json.dumps(data_args))
         out, images = run_notebook(kernel, "quickstart.ipynb", NB_RUNS_DIR=str(runs), NB_CLI_ARGS=TINY, **env)
         accuracy[name] = float(re.search(r"test accuracy: ([0-9.]+) \((\d+) images\)", out)[1])
         assert accuracy[name] == pytest.approx(read_metrics(runs / name / "version_0")["test/acc"][-1], abs=6e-5)

@@ -1,7 +1,5 @@
-"""A new task as a user adds one: the README's own LightningModule (a denoising autoencoder, no classes) in a file of
-theirs, run through the CLI and the shipped data config: fit, test from the saved config, resume; the data's facts
-reach only the arguments it takes; what needs classes says so in one line. In-process: tests/test_readme.py runs the
-same README commands as `python -m project` does."""
+"""A new task as a user adds one: the README's LightningModule (a denoising autoencoder, no classes) in a file of
+theirs, through the CLI in-process (tests/test_readme.py runs the same commands as processes)."""
 
 import hashlib
 import re
@@ -16,11 +14,17 @@ from tests.conftest import CONFIGS, CSV, QUIET, ROOT, fails, read_metrics
 LIMITS = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2"]
 
 
+def fit_args(config: str, data_dir, *extra: str) -> list[str]:
+    return ["fit", f"--config={CONFIGS / config}", f"--data.init_args.data_dir={data_dir}", *QUIET, *extra]
+
+
 def readme_file(name: str) -> str:
     return re.search(rf"```python\n# {re.escape(name)}\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
 
 
 def test_a_users_own_lightning_module_fits_tests_and_resumes(tmp_path, mnist_root, monkeypatch, caplog):
+    """Fit, test from the saved config, resume; the data's facts reach only the arguments the module takes; what
+    needs classes says so."""
     (tmp_path / "my_task.py").write_text(readme_file("my_task.py"))
     monkeypatch.syspath_prepend(str(tmp_path))  # where the user put it, as PYTHONPATH would
     monkeypatch.delitem(sys.modules, "my_task", raising=False)
@@ -29,15 +33,8 @@ def test_a_users_own_lightning_module_fits_tests_and_resumes(tmp_path, mnist_roo
     def project(*args: str):
         return cli_main([*args, *QUIET, *LIMITS, data])
 
-    project(
-        "fit",
-        f"--config={CONFIGS / 'fashion_mnist.yaml'}",
-        CSV,
-        "--model=my_task.Denoiser",
-        "--checkpoint.monitor=val/loss",
-        "--checkpoint.mode=min",
-        "--trainer.max_epochs=2",
-    )
+    model = ["--model=my_task.Denoiser", "--checkpoint.monitor=val/loss", "--checkpoint.mode=min"]
+    project("fit", f"--config={CONFIGS / 'fashion_mnist.yaml'}", CSV, *model, "--trainer.max_epochs=2")
     run = tmp_path / "runs/fashion_mnist/version_0"
     best, last = sorted((run / "checkpoints").iterdir())
     assert re.fullmatch(r"epoch=00[01]-val_loss=0\.\d{4}\.ckpt", best.name) and last.name == "last.ckpt"
@@ -78,33 +75,14 @@ class Regressor(LightningModule):
 
 
 def test_test_after_fit_without_a_test_step_is_refused_before_training(mnist_root, capsys, tmp_path):
-    line = fails(
-        [
-            "fit",
-            f"--config={CONFIGS / 'fashion_mnist.yaml'}",
-            f"--data.init_args.data_dir={mnist_root}",
-            *QUIET,
-            "--model=tests.test_own_task.Regressor",
-        ],
-        capsys,
-    )
-    assert line == (
-        "error: --test_after_fit true but Regressor has no test_step; add one, or set --test_after_fit false"
-    )
+    line = fails(fit_args("fashion_mnist.yaml", mnist_root, "--model=tests.test_own_task.Regressor"), capsys)
+    assert line == "error: --test_after_fit true but Regressor has no test_step; add one, or set --test_after_fit false"
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_command_that_fails_before_training_leaves_no_run_folder(mnist_root, capsys, tmp_path):
     """The data is set up after the run folder (config.yaml, W&B run) exists: a failure there removes it."""
-    line = fails(
-        [
-            "fit",
-            f"--config={CONFIGS / 'mnist.yaml'}",
-            f"--data.init_args.data_dir={mnist_root}",
-            *QUIET,
-            "--data.init_args.val_split=700",  # more than the 600 training images, found at setup
-        ],
-        capsys,
-    )
+    # more than the 600 training images, found at setup
+    line = fails(fit_args("mnist.yaml", mnist_root, "--data.init_args.val_split=700"), capsys)
     assert "leaves no training data" in line
     assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]  # W&B had started its run there

@@ -53,17 +53,12 @@ def test_predict_with_the_main_config(mnist_root, caplog):
 
 
 MY_YAML = """
-trainer:
-  max_epochs: 6
+trainer: {{max_epochs: 6}}
 model:
   class_path: project.models.ImageClassifier
   init_args:
-    net:
-      class_path: project.models.nets.SmallCNN
-      init_args: {{width: 8}}
-    optimizer:
-      class_path: torch.optim.AdamW
-      init_args: {{lr: 0.01}}
+    net: {{class_path: project.models.nets.SmallCNN, init_args: {{width: 8}}}}
+    optimizer: {{class_path: torch.optim.AdamW, init_args: {{lr: 0.01}}}}
 data:
   class_path: project.data.ImageFolderDataModule
   init_args: {{data_dir: {root}, image_size: 24, batch_size: 16}}

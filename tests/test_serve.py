@@ -1,7 +1,5 @@
-"""``python -m extras.serve`` as a deployment runs it: a process on a free port, real PNG and JPEG files sent as
-base64 JSON, answers compared with ``python -m project predict`` on the same files; 32 concurrent clients batched;
-each kind of bad request refused with its 4xx while the server keeps answering and writes nothing; Prometheus
-metrics read back with prometheus_client's own parser."""
+"""``python -m extras.serve`` as a deployment runs it (a process on a free port, images sent as base64 JSON), its
+answers compared with ``python -m project predict`` on the same files."""
 
 import base64
 import csv
@@ -61,8 +59,8 @@ def predict(url: str, path: Path) -> dict:
 
 @contextmanager
 def served(*args: str, cwd: Path, wait: float = 180) -> Iterator[str]:
-    """``python -m extras.serve ARGS --port <free>`` in ``cwd`` until /health says ok; its URL. Stopped with SIGTERM
-    (as a container runtime does) when done: it must exit cleanly, having printed no error."""
+    """``python -m extras.serve ARGS --port <free>`` in ``cwd``, its URL once /health says ok; stopped with SIGTERM
+    (as a container runtime does), it must exit cleanly, having printed no error."""
     with socket.socket() as s:  # a free port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -108,8 +106,7 @@ def up(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def folder_model(image_root, tmp_path_factory) -> Path:
-    """A tiny classifier of the README's own-images path (3 classes of PNG files), trained for two epochs: its run
-    folder (config.yaml, checkpoints/last.ckpt)."""
+    """The run folder of a tiny classifier of 3 classes of PNG files (the README's own-images path), 2 epochs."""
     root = tmp_path_factory.mktemp("serve-run")
     data = f"--data.init_args.image_size={SIZE} --data.init_args.augment=none"
     rest = "--model.init_args.net.init_args.width=4 --trainer.max_epochs=2 --test_after_fit=false"
@@ -119,8 +116,7 @@ def folder_model(image_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def files(image_root, tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
-    """A folder of unlabelled PNG and JPEG files (RGB, grayscale, another size) as a user would send them, those
-    files, and the special files (kept in another folder)."""
+    """A folder of PNG and JPEG files (RGB, grayscale, another size), those files, and two special files elsewhere."""
     folder, other = tmp_path_factory.mktemp("to-serve"), tmp_path_factory.mktemp("special")
     for kind in ("disk", "red", "stripes"):
         for i, path in enumerate(sorted((image_root / kind).glob("*.png"))[:2]):
@@ -154,8 +150,7 @@ def server(folder_model, tmp_path_factory):
 
 
 def predict_csv(run: Path, images: Path) -> dict[str, dict[str, str]]:
-    """``python -m project predict -c <run>/config.yaml --ckpt_path last --data.predict_dir images``: its rows by
-    file name."""
+    """The rows of ``python -m project predict -c <run>/config.yaml --ckpt_path last`` on ``images``, by file name."""
     args = [f"--config={run / 'config.yaml'}", "--ckpt_path=last", f"--data.init_args.predict_dir={images}", *QUIET]
     writer = next(c for c in cli_main(["predict", *args]).trainer.callbacks if isinstance(c, PredictionWriter))
     with open(writer.written[0]) as f:
@@ -163,6 +158,7 @@ def predict_csv(run: Path, images: Path) -> dict[str, dict[str, str]]:
 
 
 def test_served_answers_are_what_predict_gives_for_the_same_files(server, folder_model, files):
+    """PNG and JPEG files, RGB, grayscale, other sizes, transparency, EXIF orientation; the README's curl line too."""
     url, _ = server
     folder, paths, special = files
     rows = predict_csv(folder_model, folder)
@@ -183,17 +179,11 @@ def test_served_answers_are_what_predict_gives_for_the_same_files(server, folder
         answer = predict(url, path)
         assert answer["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
         assert abs(float(naive.max()) - answer["probability"]) > 1e-4  # the rule made a difference here
-
-
-def test_the_readme_curl_example_is_answered(server, files):
-    """The README's curl line, with a file of ours and the test server's address."""
-    url, _ = server
     line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "curl" in x and "/predict" in x)
-    path = files[1][0]
-    command = line.replace("shoe.png", str(path)).replace("http://127.0.0.1:8000", url)
+    command = line.replace("shoe.png", str(paths[0])).replace("http://127.0.0.1:8000", url)
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    same(json.loads(done.stdout), predict(url, path))
+    same(json.loads(done.stdout), predict(url, paths[0]))
 
 
 def metrics(url: str) -> tuple[dict[str, str], dict[tuple, float]]:
@@ -206,6 +196,7 @@ def metrics(url: str) -> tuple[dict[str, str], dict[tuple, float]]:
 
 
 def test_32_concurrent_clients_are_all_answered_in_shared_batches(server, files):
+    """Batched together, the same answers; Prometheus metrics read back with prometheus_client's own parser."""
     url, paths = server[0], files[1]
     before = metrics(url)[1]
     expected = {p.name: predict(url, p) for p in paths}
@@ -259,6 +250,7 @@ def encoded(image: Image.Image, format: str) -> bytes:
 
 
 def test_each_bad_request_gets_its_4xx_and_the_next_good_one_is_answered(server, files, folder_model):
+    """One line of detail; the server keeps answering and writes nothing."""
     url, cwd = server
     good = files[1][0]
     expected = predict(url, good)
@@ -288,8 +280,7 @@ def test_each_bad_request_gets_its_4xx_and_the_next_good_one_is_answered(server,
 
 
 def test_exported_models_give_the_answers_of_their_checkpoint(server, folder_model, files, tmp_path):
-    """``--model FILE``: what a worker does with a .pt2 or .onnx file (its metadata says how to read images), run
-    here in-process on one batch; the HTTP side is the one tested above."""
+    """``--model FILE``: a worker's steps on a .pt2 or .onnx file, in-process on one batch (HTTP: tested above)."""
     url, _ = server
     paths = [*files[1][:4], *files[2]]
     expected = [predict(url, p) for p in paths]

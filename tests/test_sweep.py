@@ -1,19 +1,12 @@
-"""Hyperparameter search (``python -m extras.sweep``, Optuna on the W&B sweep YAML) and Lightning's tuner callbacks
-through the CLI.
-
-The sweep's own process runs in the test process where it can (its trials are always ``python -m project fit``
-processes); the kill -9 test and the SLURM array run it as a process of its own. Trials train the MLP of
-``configs/mnist.yaml`` at 16 hidden units for 2 epochs on format-exact MNIST (540 training, 60 validation
-images); studies, trial outcomes and metrics are read back from the study's journal file and the run folders.
-A trial process costs about 11 s of CPU (9.5 of it imports). Measured on this 2-core machine with ``-n 0`` (load
-average 0-4.6 from other suites): 3-5 min, 3.2-3.4 min of CPU with every process it started, for the file; CPU of
-the four ``processes`` tests at load 3-4.5: grid 49 s, Hyperband 36, kill -9 44, SLURM array 56 (26-60 s wall each).
-"""
+"""Hyperparameter search (``python -m extras.sweep``: Optuna on the W&B sweep YAML) and Lightning's tuner callbacks
+through the CLI. Trials (always ``python -m project fit`` processes) train a 16-unit MLP for 2 epochs on format-exact
+MNIST; studies, outcomes and metrics are read back from the study's journal file and the run folders. A trial process
+costs about 11 s of CPU (9.5 of it imports): the tests start as few as show each behaviour."""
 
 import csv
 import json
+import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +17,6 @@ import optuna
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback
 from PIL import Image
 
 from extras.sweep import space
@@ -39,17 +31,6 @@ MLP = [*QUIET, "--model.init_args.net.init_args.hidden=[16]", "--trainer.max_epo
 COMMAND = ["${env}", "${interpreter}", "-m", "project", "fit", "--config", "configs/mnist.yaml", "${args}"]
 LR = "model.init_args.optimizer.init_args.lr"
 CIFAR = ["--model.init_args.net.init_args.width=8", "--data.init_args.val_split=0.2", "--data.init_args.num_workers=0"]
-
-
-class SlowFirstEpoch(Callback):
-    """Test only: a pause after the first epoch (after its validation was reported), so a kill lands mid-trial."""
-
-    def __init__(self, seconds: float = 5.0) -> None:
-        self.seconds = seconds
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == 0:
-            time.sleep(self.seconds)
 
 
 @pytest.fixture
@@ -80,8 +61,16 @@ def study(name: str, root: Path = Path("runs")) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=open_storage(str(journal)))
 
 
-def trials_of(loaded: optuna.Study, state: str) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in loaded.get_trials() if t.state.name == state]
+def wait_until(ready, alive=lambda: True, seconds: float = 120) -> None:
+    """Poll ``ready()`` every 0.1 s until true; fail should ``alive()`` turn false or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert alive() and time.monotonic() < deadline, "waited in vain"
+        time.sleep(0.1)
+
+
+def trials_of(trials: list[optuna.trial.FrozenTrial], state: str) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in trials if t.state.name == state]
 
 
 # ---- the sweep YAML -------------------------------------------------------------------------------------------
@@ -90,7 +79,7 @@ def trials_of(loaded: optuna.Study, state: str) -> list[optuna.trial.FrozenTrial
 @pytest.mark.parametrize("path", sorted((CONFIGS / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_sweeps_load_and_their_extreme_trials_train(path, here, mnist_root, cifar_root):
     """Each shipped YAML reads for Optuna as W&B reads it; every key is in the fit's config and every value the
-    search can give passes the CLI; a trial at the top of every range trains (1 epoch, a few batches)."""
+    search can give passes the CLI; a trial at the top of every range trains (a batch)."""
     sweep = space.load(path)
     assert (sweep.metric, sweep.goal, sweep.method, sweep.notes) == ("val/acc", "maximize", "bayes", [])
     assert sweep.hyperband and sweep.head[:1] == ["--config"] and sweep.tail == []
@@ -99,7 +88,7 @@ def test_shipped_sweeps_load_and_their_extreme_trials_train(path, here, mnist_ro
     config = check(sweep, sweep.head, [])
     assert config["trainer"]["max_epochs"] >= 4
     top = {p.key: p.picks()[-1] for p in sweep.parameters}
-    limits = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2"]
+    limits = ["--trainer.max_epochs=1", *(f"--trainer.limit_{s}_batches=1" for s in ("train", "val", "test"))]
     args = [f"--{key}={space.cli_value(value)}" for key, value in top.items()]
     cli = cli_main(["fit", *sweep.head, f"--data.init_args.data_dir={data}", *QUIET, *small, *args, *limits, CSV])
     assert cli.datamodule.batch_size == top["data.init_args.batch_size"]
@@ -139,8 +128,9 @@ def test_a_key_only_wandb_follows_is_one_note_line(here, capsys):
 
 
 def test_sweep_processes_sharing_a_journal_count_and_start_trials_one_at_a_time(here, monkeypatch):
-    """Counting the trials and starting one is a single step across sweep processes: while one holds it another
-    waits, so together they never start a trial too many nor a grid point twice. (Trials are asked, not run.)"""
+    """Counting the trials and starting one is one step across sweep processes: while one holds it another waits
+    (blocked on its lock, as /proc/locks shows), so together they never start a trial too many nor a grid point
+    twice. (Trials are asked, not run.)"""
     sweep = space.load(write_sweep(here, "shared", {LR: {"values": [0.1, 0.2]}}))
     spec, summary = str(here / "shared.journal"), {"metric": "val/acc", "pruner": None, "search": "", "fit": []}
     first, second = (Search(sweep, *open_study(sweep, "shared", spec, summary, None), spec, here, 2) for _ in range(2))
@@ -149,8 +139,10 @@ def test_sweep_processes_sharing_a_journal_count_and_start_trials_one_at_a_time(
     with first.counting_alone():
         waiting = threading.Thread(target=second.run)
         waiting.start()
-        waiting.join(1.0)
-        assert asked == [] and waiting.is_alive(), "the second process counted while the first was starting a trial"
+        inode = f":{os.stat(f'{spec}.start-lock').st_ino} "  # in /proc/locks, a "->" line is a request waiting
+        locks = Path("/proc/locks")
+        wait_until(lambda: any("->" in x and inode in x for x in locks.read_text().splitlines()), waiting.is_alive, 10)
+        assert asked == [], "the second process counted while the first was starting a trial"
     waiting.join()
     first.run()
     assert sorted(asked) == [0.1, 0.2]
@@ -183,19 +175,43 @@ def test_hyperband_checks_trials_as_wandb_does(here):
 # ---- searches -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.processes  # 3 trial processes
-def test_grid_with_two_workers_runs_every_point_once_and_best_yaml_reruns(here, mnist_root, capsys):
-    """lr 1e6 diverges: that trial fails with the fit's error line and the search goes on."""
+def sweep_marked(args: list[str], marker: str) -> None:
+    """The sweep in a process forked from this one (no imports to wait for); its trials carry ``marker``."""
+    os.environ["SWEEP_TEST"] = marker
+    main(args)
+
+
+@pytest.mark.processes  # the sweep and its 2 trials killed as they start, then 3 trial processes
+def test_a_grid_killed_mid_trial_continues_every_point_once_two_at_once_and_best_yaml_reruns(here, mnist_root, capsys):
+    """kill -9 of the sweep kills its trials; the same command marks them interrupted and runs their parameters
+    again, two trials at once. lr 1e6 diverges: that trial fails with the fit's error line and the search goes on."""
     lrs = [0.001, 0.03, 1e6]  # two complete: the importances plot needs two
     path = write_sweep(here, "grid", {LR: {"values": lrs}, "data.init_args.batch_size": {"value": 32}})
-    assert sweep(path, "--workers", "2", f"--data.init_args.data_dir={mnist_root}", *MLP, CSV) == 0
+    args = [str(path), "--workers=2", f"--data.init_args.data_dir={mnist_root}", *MLP, CSV]
+    marker = f"SWEEP_TEST={here}"
+    killed = multiprocessing.get_context("fork").Process(target=sweep_marked, args=(args, str(here)))
+    killed.start()
+    try:
+        wait_until(lambda: len(slurm.processes_with(marker)) == 2, killed.is_alive)  # both trials started
+        killed.kill()
+        killed.join()
+        wait_until(lambda: not slurm.processes_with(marker), seconds=10)  # the trials die with their sweep
+    finally:
+        killed.kill()
+        slurm.kill(slurm.processes_with(marker))
+    assert [t.state.name for t in study("grid").trials] == ["RUNNING", "RUNNING"]
+    assert sweep(*args) == 0
     out = capsys.readouterr().out
     loaded = study("grid")
-    done, (failed,) = trials_of(loaded, "COMPLETE"), trials_of(loaded, "FAIL")
-    assert sorted(t.number for t in loaded.trials) == [0, 1, 2]
-    assert sorted(t.params[LR] for t in loaded.trials) == lrs and failed.params[LR] == 1e6, "every grid point once"
+    interrupted, rest = loaded.trials[:2], loaded.trials[2:]
+    assert all(t.state.name == "FAIL" and "sweep:interrupted" in t.system_attrs for t in interrupted)
+    assert f"trial 0 was interrupted (its sweep process {killed.pid} is gone)" in out
+    assert [t.user_attrs.get("retry_of") for t in loaded.trials] == [None, None, 0, 1, None]
+    assert [t.params for t in rest[:2]] == [t.params for t in interrupted] and "trial 2 started (again: trial 0)" in out
+    done, (failed,) = trials_of(rest, "COMPLETE"), trials_of(rest, "FAIL")
+    assert sorted(t.params[LR] for t in rest) == lrs and failed.params[LR] == 1e6, "every grid point once"
     assert failed.user_attrs["error"].startswith("training loss is nan and the gradients are not finite at step")
-    first, second = sorted(loaded.trials, key=lambda t: t.datetime_start)[:2]
+    first, second = sorted(rest, key=lambda t: t.datetime_start)[:2]
     assert second.datetime_start < first.datetime_complete, "two trials at once"
     for t in done:  # the value each trial reported is what its run folder logged
         run = Path(t.user_attrs["run_dir"])
@@ -204,8 +220,9 @@ def test_grid_with_two_workers_runs_every_point_once_and_best_yaml_reruns(here, 
         assert yaml.safe_load((run / "config.yaml").read_text())["data"]["init_args"]["batch_size"] == 32
     with open("runs/sweep/grid/trials.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0])[:5] == ["trial", "state", "val/acc", "epochs", "seconds"] and len(rows) == 3
+    assert list(rows[0])[:5] == ["trial", "state", "val/acc", "epochs", "seconds"] and len(rows) == 5
     assert {(int(r["trial"]), r["state"], r["val/acc"], r["epochs"], r["error"]) for r in rows} == {
+        *((t.number, "interrupted", "", "0", "") for t in interrupted),
         *((t.number, "complete", str(t.value), "2", "") for t in done),
         (failed.number, "failed", "", "0", failed.user_attrs["error"]),
     }
@@ -225,16 +242,10 @@ def test_grid_with_two_workers_runs_every_point_once_and_best_yaml_reruns(here, 
 def test_bayes_with_hyperband_prunes_the_bad_region(here, mnist_root):
     """lr from 1e-6 (learns nothing in 2 epochs) to 0.1, seed 10: 0.0072, then 1.3e-6; Hyperband with one bracket:
     after the first validation only the best so far goes on. W&B (the default logger) groups the trials by study."""
-    path = write_sweep(
-        here,
-        "bayes",
-        {LR: {"distribution": "log_uniform_values", "min": 1e-6, "max": 0.1}},
-        method="bayes",
-        early_terminate={"type": "hyperband", "min_iter": 1},
-    )
+    spec = {LR: {"distribution": "log_uniform_values", "min": 1e-6, "max": 0.1}}
+    path = write_sweep(here, "bayes", spec, method="bayes", early_terminate={"type": "hyperband", "min_iter": 1})
     assert sweep(path, "--trials=2", "--seed=10", f"--data.init_args.data_dir={mnist_root}", *MLP) == 0
-    loaded = study("bayes")
-    good, bad = loaded.trials
+    good, bad = study("bayes").trials
     assert bad.params[LR] < 1e-5 < good.params[LR], "the seed's draws"
     assert [(t.state.name, len(t.intermediate_values)) for t in (good, bad)] == [("COMPLETE", 2), ("PRUNED", 1)]
     run = read_wandb_run(Path(good.user_attrs["run_dir"]))
@@ -243,42 +254,6 @@ def test_bayes_with_hyperband_prunes_the_bad_region(here, mnist_root):
     assert [row["val/acc"] for row in logged["history"] if "val/acc" in row] == pytest.approx([bad.value])
     files = Path("runs/sweep/bayes").rglob("*.wandb")
     assert {r.run.run_group for f in files for r in records(f) if r.HasField("run")} == {"bayes"}
-
-
-@pytest.mark.processes  # the sweep as a process, killed mid-trial, then its trial again
-def test_kill_9_mid_trial_then_the_same_command_continues(here, mnist_root):
-    path = write_sweep(here, "resume", {LR: {"distribution": "log_uniform_values", "min": 0.001, "max": 0.03}})
-    path.write_text(path.read_text().replace("method: grid", "method: random"))
-    args = [path, "--trials=1", f"--data.init_args.data_dir={mnist_root}", *MLP, CSV]
-    args += ["--trainer.callbacks+=tests.test_sweep.SlowFirstEpoch"]
-    marker = f"SWEEP_TEST={here}"  # in the environment of the sweep and its trials
-    env = {**os.environ, "SWEEP_TEST": str(here)}
-    with open(here / "killed.log", "w") as log:
-        killed = subprocess.Popen(
-            [sys.executable, "-m", "extras.sweep", *map(str, args)], env=env, stdout=log, stderr=log
-        )
-    journal = here / "runs/sweep/resume/study.journal"
-    try:
-        deadline = time.monotonic() + 300
-        while not (journal.exists() and (trials := study("resume").trials) and trials[0].intermediate_values):
-            assert killed.poll() is None and time.monotonic() < deadline, (here / "killed.log").read_text()
-            time.sleep(0.5)
-        killed.send_signal(signal.SIGKILL)  # inside the trial's pause after its first epoch
-        killed.wait()
-        deadline = time.monotonic() + 10
-        while slurm.processes_with(marker) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert slurm.processes_with(marker) == [], "the trial dies with its sweep"
-    finally:
-        killed.kill()
-        slurm.kill(slurm.processes_with(marker))
-    assert study("resume").trials[0].state.name == "RUNNING"
-    assert sweep(*args) == 0
-    loaded = study("resume")
-    assert [t.number for t in loaded.trials] == [0, 1]
-    interrupted, again = loaded.trials
-    assert interrupted.state.name == "FAIL" and "sweep:interrupted" in interrupted.system_attrs
-    assert again.state.name == "COMPLETE" and again.user_attrs["retry_of"] == 0 and again.params == interrupted.params
 
 
 @pytest.fixture(scope="module")
@@ -290,20 +265,21 @@ def slurm_cluster(tmp_path_factory):
     cluster.stop()
 
 
-@pytest.mark.processes  # a SLURM cluster, 2 sweep processes, 2 trials
+@pytest.mark.processes  # a SLURM cluster, 2 sweep processes, 1 trial
 def test_slurm_array_tasks_share_one_study(here, mnist_root, slurm_cluster):
+    """Two array tasks, one trial (--trials 1): both open the same journal, and only one of them starts a trial."""
     path = write_sweep(here, "array", {LR: {"values": [0.001, 0.03]}})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "WANDB"))}
     env |= {"SLURM_CONF": str(slurm_cluster.conf), "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
     argv = ["sbatch", "--wait", "--array=0-1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
-    argv += [str(ROOT / "scripts/slurm/sweep.sbatch"), str(path), f"--data.init_args.data_dir={mnist_root}", *MLP, CSV]
+    argv += [str(ROOT / "scripts/slurm/sweep.sbatch"), str(path), "--trials=1", *MLP, CSV]
+    argv += [f"--data.init_args.data_dir={mnist_root}"]
     done = subprocess.run(argv, cwd=here, env=env, capture_output=True, text=True, timeout=600)
     logs = {p.name: p.read_text() for p in here.glob("slurm-*.out")}
     assert done.returncode == 0 and len(logs) == 2, done.stderr + "\n".join(logs.values())
-    assert all("study array in runs/sweep/array/study.journal: 2 trials" in log for log in logs.values()), logs
-    loaded = study("array", here / "runs")
-    assert sorted(t.number for t in trials_of(loaded, "COMPLETE")) == [0, 1] and len(loaded.trials) == 2
-    assert sum(log.count(" started") for log in logs.values()) == 2, logs
+    assert all("study array in runs/sweep/array/study.journal: 1 trials" in log for log in logs.values()), logs
+    assert [t.state.name for t in study("array", here / "runs").trials] == ["COMPLETE"]
+    assert sum(log.count(" started") for log in logs.values()) == 1, logs
 
 
 # ---- Lightning's tuners ---------------------------------------------------------------------------------------
@@ -312,31 +288,28 @@ def test_slurm_array_tasks_share_one_study(here, mnist_root, slurm_cluster):
 def tuners(init_batch_size: int) -> list[str]:
     """BatchSizeFinder from ``init_batch_size``: twice that (one doubling); then LearningRateFinder over 15 steps,
     never stopping early (its suggestion needs 13 points)."""
-    return [
-        "--trainer.callbacks+=BatchSizeFinder",
-        f"--trainer.callbacks.init_val={init_batch_size}",
-        "--trainer.callbacks.max_trials=2",
-        "--trainer.callbacks.steps_per_trial=1",
-        "--trainer.callbacks+=LearningRateFinder",
-        "--trainer.callbacks.num_training_steps=15",
-        "--trainer.callbacks.early_stop_threshold=null",
-    ]
+    batch = ["--trainer.callbacks+=BatchSizeFinder", f"--trainer.callbacks.init_val={init_batch_size}"]
+    batch += ["--trainer.callbacks.max_trials=2", "--trainer.callbacks.steps_per_trial=1"]
+    lr = ["--trainer.callbacks+=LearningRateFinder", "--trainer.callbacks.num_training_steps=15"]
+    return [*batch, *lr, "--trainer.callbacks.early_stop_threshold=null"]
 
 
-SHIPPED = {  # config: data, the finder's first batch size (an epoch must hold 15 steps at twice it), more arguments
-    "fashion_mnist.yaml": ("mnist", 8, []),  # the main job: in-memory loader, one-cycle per step
-    "mnist.yaml": ("mnist", 8, []),
-    "cifar10.yaml": ("cifar", 8, CIFAR),
-    "cifar100.yaml": ("cifar", 8, CIFAR),
-    "folder.yaml": ("folder", 2, ["--data.init_args.image_size=16"]),
-    "experiment/fashion_mnist_fast.yaml": ("mnist", 8, ["--data.init_args.val_split=0.1"]),
-    "experiment/cifar10_fast.yaml": ("cifar", 8, CIFAR),
+# config: data, the finder's first batch size (an epoch must hold 15 steps at twice it), more arguments. What the
+# tuners touch is the loader's batch size and the optimizer's lr (a one-cycle's peak, or the plain lr): these four
+# cover each kind. Left out, covered by one kept: cifar10.yaml and cifar100.yaml (a CIFAR DataLoader, SGD under
+# one-cycle: as mnist.yaml's DataLoader and cifar10_fast.yaml's SGD one-cycle), fashion_mnist_fast.yaml (the loader
+# and one-cycle of fashion_mnist.yaml; its bf16 plugin touches neither).
+SHIPPED = {
+    "fashion_mnist.yaml": ("mnist", 8, []),  # the main job: in-memory loader, AdamW, one-cycle per step
+    "mnist.yaml": ("mnist", 8, []),  # a DataLoader, AdamW without a scheduler
+    "folder.yaml": ("folder", 2, ["--data.init_args.image_size=16"]),  # your image files, no scheduler
+    "experiment/cifar10_fast.yaml": ("cifar", 8, CIFAR),  # CIFAR in memory, SGD one-cycle, an EMA callback
 }
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda c: Path(c).stem)
 def test_lightning_tuners_through_the_cli(config, mnist_root, cifar_root, image_root):
-    """``--trainer.callbacks+=BatchSizeFinder`` and ``LearningRateFinder`` on each shipped config: training goes on
+    """``--trainer.callbacks+=BatchSizeFinder`` and ``LearningRateFinder`` on shipped configs: training goes on
     with the batch size and the lr they found (a one-cycle schedule planned for that batch size, peaking at that
     lr), and their results are in the run folder."""
     kind, batch_size, extra = SHIPPED[config]
