@@ -36,7 +36,7 @@ collect_ignore = [] if (ROOT / "extras").is_dir() else EXTRAS_TESTS  # a fork ma
 
 # The longest test files first (pytest-xdist hands out whole files, --dist loadfile): the two workers then finish
 # together instead of one waiting for the other's last long file. Measured with --durations on 2 cores.
-LONGEST_FIRST = ["test_sweep.py", "test_readme.py", "test_cluster.py", "test_ddp.py", "test_faults.py", "test_tools.py"]
+LONGEST_FIRST = ["test_readme.py", "test_sweep.py", "test_cluster.py", "test_faults.py", "test_tools.py", "test_ddp.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -21,13 +22,8 @@ import torch
 from tests.conftest import EXTRAS_TESTS, QUIET, ROOT, run_module
 
 README = ROOT / "README.md"
-LIMITS = [
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=2",
-    "--trainer.limit_test_batches=2",
-    "--trainer.limit_predict_batches=2",
-]
-SMALL_BATCHES = ["--data.batch_size=8", "--data.eval_batch_size=8"]  # ResNet-18 at 224x224: 2 batches of 8 suffice
+LIMITS = [f"--trainer.limit_{stage}_batches=1" for stage in ("train", "val", "test", "predict")]
+SMALL_BATCHES = ["--data.batch_size=4", "--data.eval_batch_size=4"]  # ResNet-18 at 224x224: one batch of 4 suffices
 
 
 def commands() -> list[str]:
@@ -154,6 +150,7 @@ def main(folder: str) -> None:
             setattr(datasets.CIFAR10 if n == "10" else datasets.CIFAR100, attr, value)
     sys.path.insert(0, folder)  # my_nets.py, where the user put it
     for module, args, output in json.loads(Path(folder, "commands.json").read_text()):
+        start = time.perf_counter()
         sys.argv = [f"python -m {module}", *args]
         out = open(output, "w") if output else sys.stdout  # noqa: SIM115
         try:
@@ -171,7 +168,7 @@ def main(folder: str) -> None:
         finally:
             if output:
                 out.close()
-        print(f"ran: python -m {module} {shlex.join(args)}", flush=True)
+        print(f"ran: python -m {module} {shlex.join(args)} ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":
