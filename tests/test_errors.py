@@ -3,7 +3,6 @@ changed. Hostile files: loading a checkpoint never runs code. Secrets never reac
 
 import hashlib
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -77,12 +76,12 @@ def test_bad_subcommand_config_file_or_yaml(tmp_path, capsys):
     assert line.startswith("error: YAML syntax error in broken.yaml (line 3, column 6): did not find expected ','")
 
 
-def test_debug_shows_the_traceback(monkeypatch, capsys):
-    """``python -m project ... --debug`` (read from sys.argv) or PROJECT_DEBUG=1: the error is raised, not printed."""
-    monkeypatch.setattr(sys, "argv", ["project", "fit", "--config=nope.yaml", "--debug"])
-    with pytest.raises(UserError, match="nope.yaml"):
-        cli_main()
-    assert "error:" not in capsys.readouterr().err
+def test_debug_shows_the_traceback(monkeypatch, tmp_path):
+    """``--debug`` (or PROJECT_DEBUG=1): the error is raised, and Python prints its traceback, exit code 1."""
+    done = run_module("project", "fit", "--config=nope.yaml", "--debug", cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback (most recent call last):" in done.stderr, done.stderr[-3000:]
+    assert "project.errors.UserError: " in done.stderr and "nope.yaml" in done.stderr.splitlines()[-1]
+    assert not [line for line in done.stderr.splitlines() if line.startswith("error:")]
     monkeypatch.setenv("PROJECT_DEBUG", "1")
     with pytest.raises(UserError, match="nope.yaml"):
         cli_main(["fit", "--config=nope.yaml"])
