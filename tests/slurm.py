@@ -53,6 +53,16 @@ def processes_with(variable: str) -> list[int]:
     return found
 
 
+def wait_until(ready, alive=lambda: True, why=lambda: "waited in vain", seconds: float = 120, every: float = 0.1):
+    """``ready()``'s first true value, asked every ``every`` seconds; fails with ``why()`` should ``alive()`` turn
+    false or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while not (found := ready()):
+        assert alive() and time.monotonic() < deadline, why()
+        time.sleep(every)
+    return found
+
+
 def kill(pids: list[int]) -> None:
     for pid in pids:
         with suppress(ProcessLookupError):
@@ -94,14 +104,12 @@ class Cluster:
                 preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM),
             )
 
+    def dead(self) -> list[str]:
+        return [name for name, p in self.daemons.items() if p.poll() is not None]
+
     def wait(self, ready, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            dead = [name for name, p in self.daemons.items() if p.poll() is not None]
-            assert not dead and time.monotonic() < deadline, (
-                f"SLURM test cluster: no {what} ({dead} exited)\n{self.logs()}"
-            )
-            time.sleep(0.1)
+        why = f"SLURM test cluster: no {what}"
+        wait_until(ready, lambda: not self.dead(), lambda: f"{why} ({self.dead()} exited)\n{self.logs()}", timeout)
 
     def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)

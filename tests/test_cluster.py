@@ -105,11 +105,9 @@ def finish(*processes: subprocess.Popen, code: int = 0) -> list[str]:
 
 def wait(process: subprocess.Popen, ready, what: str, every: float = 0.1):
     """``ready()``'s first true value, asked every ``every`` seconds while ``process`` runs."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while not (found := ready()):
-        assert process.poll() is None and time.monotonic() < deadline, f"{what}: {process.poll()}\n{output(process)}"
-        time.sleep(every)
-    return found
+    return slurm.wait_until(
+        ready, lambda: process.poll() is None, lambda: f"{what}: {process.poll()}\n{output(process)}", TIMEOUT_S, every
+    )
 
 
 def best_checkpoint(run: Path) -> Path:

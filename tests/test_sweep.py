@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import optuna
@@ -59,14 +58,6 @@ def sweep(*args: str) -> int:
 def study(name: str, root: Path = Path("runs")) -> optuna.Study:
     journal = root / "sweep" / name / "study.journal"
     return optuna.load_study(study_name=name, storage=open_storage(str(journal)))
-
-
-def wait_until(ready, alive=lambda: True, seconds: float = 120) -> None:
-    """Poll ``ready()`` every 0.1 s until true; fail should ``alive()`` turn false or ``seconds`` pass."""
-    deadline = time.monotonic() + seconds
-    while not ready():
-        assert alive() and time.monotonic() < deadline, "waited in vain"
-        time.sleep(0.1)
 
 
 def trials_of(trials: list[optuna.trial.FrozenTrial], state: str) -> list[optuna.trial.FrozenTrial]:
@@ -141,7 +132,9 @@ def test_sweep_processes_sharing_a_journal_count_and_start_trials_one_at_a_time(
         waiting.start()
         inode = f":{os.stat(f'{spec}.start-lock').st_ino} "  # in /proc/locks, a "->" line is a request waiting
         locks = Path("/proc/locks")
-        wait_until(lambda: any("->" in x and inode in x for x in locks.read_text().splitlines()), waiting.is_alive, 10)
+        slurm.wait_until(
+            lambda: any("->" in x and inode in x for x in locks.read_text().splitlines()), waiting.is_alive, seconds=10
+        )
         assert asked == [], "the second process counted while the first was starting a trial"
     waiting.join()
     first.run()
@@ -192,10 +185,10 @@ def test_a_grid_killed_mid_trial_continues_every_point_once_two_at_once_and_best
     killed = multiprocessing.get_context("fork").Process(target=sweep_marked, args=(args, str(here)))
     killed.start()
     try:
-        wait_until(lambda: len(slurm.processes_with(marker)) == 2, killed.is_alive)  # both trials started
+        slurm.wait_until(lambda: len(slurm.processes_with(marker)) == 2, killed.is_alive)  # both trials started
         killed.kill()
         killed.join()
-        wait_until(lambda: not slurm.processes_with(marker), seconds=10)  # the trials die with their sweep
+        slurm.wait_until(lambda: not slurm.processes_with(marker), seconds=10)  # the trials die with their sweep
     finally:
         killed.kill()
         slurm.kill(slurm.processes_with(marker))

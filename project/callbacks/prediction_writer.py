@@ -122,7 +122,15 @@ class PredictionWriter(BasePredictionWriter):
                 out = csv.writer(f)
                 out.writerow(header)
                 out.writerows(
-                    [r["index"], r["id"], r["target"] or "", r["pred"], r["prob"], *sum(r["top_k"], [])] for r in rows
+                    [
+                        r["index"],
+                        r["id"],
+                        r["target"] or "",
+                        r["pred"],
+                        r["prob"],
+                        *(v for pair in r["top_k"] for v in pair),
+                    ]
+                    for r in rows
                 )
             written.append(folder / "predictions.csv")
         if "jsonl" in self.formats:
