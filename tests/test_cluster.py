@@ -187,13 +187,16 @@ def test_srun_ntasks_refused_and_sbatch_job_requeued_on_sigusr1_resumes_as_one_r
         cluster.run("scancel", "--signal=USR1", job)  # what `#SBATCH --signal=USR1@180` sends
     # SLURM holds a requeued job back for about 2 minutes (its EligibleTime): start it at once
     wait(sbatch, lambda: (s := cluster.job(job))["Restarts"] == "1" and s["JobState"] == "PENDING", "requeue")
+    # slurmd refuses a start stamped in the second it killed the job ("Job 1 already killed"): start in the next one
+    time.sleep(1.05 - time.time() % 1)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     # every 0.5 s, not 0.1 (each scontrol costs CPU): a finished job stays visible for MinJobAge (4 s)
     running = ("PENDING", "RUNNING", "COMPLETING")
     state = wait(sbatch, lambda: (s := cluster.job(job))["JobState"] not in running and s, "end", every=0.5)
-    (out,) = finish(sbatch)
     log = (tmp_path / f"slurm-{job}.out").read_text()
-    assert (state["JobState"], state["Restarts"], state["ExitCode"]) == ("COMPLETED", "1", "0:0"), out + log
+    ended = (state["JobState"], state["Restarts"], state["ExitCode"])
+    assert ended == ("COMPLETED", "1", "0:0"), f"{ended}\n{log}\n{cluster.logs()}"
+    finish(sbatch)
     root = tmp_path / "runs" / f"slurm-{job}"  # the job's default_root_dir
     hpc = [root / "hpc_ckpt_1.ckpt", root / "hpc_ckpt_2.ckpt"]
     assert [torch.load(p, weights_only=True)["global_step"] for p in hpc] == [2, 4]
