@@ -186,12 +186,15 @@ def computes_in(plugin) -> torch.dtype:
         return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
 
 
-@pytest.mark.parametrize(("flags", "expected"), [(["amx_bf16"], torch.bfloat16), ([], torch.float32)])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [(["avx512_bf16", "amx_bf16"], torch.bfloat16), (["avx512_bf16"], torch.float32), ([], torch.float32)],
+)
 def test_cpu_recipes_take_bf16_where_the_cpu_has_it_and_an_explicit_precision_wins(
     flags, expected, mnist_root, monkeypatch, caplog, tmp_path
 ):
-    """The fast recipe computes in bf16 on a CPU with native bf16 (/proc/cpuinfo's `flags`) only, says so at start, and
-    yields to --trainer.precision. The main job stays fp32 everywhere."""
+    """The fast recipe computes in bf16 on a CPU with AMX (/proc/cpuinfo's `flags`) only, not with AVX512-BF16 alone,
+    says so at start, and yields to --trainer.precision. The main job stays fp32 everywhere."""
     from project import precision
 
     cpuinfo = tmp_path / "cpuinfo"
@@ -201,7 +204,8 @@ def test_cpu_recipes_take_bf16_where_the_cpu_has_it_and_an_explicit_precision_wi
     plugin = fit("experiment/fashion_mnist_fast.yaml", mnist_root, run=False).trainer.precision_plugin
     with caplog.at_level("INFO"):
         plugin.convert_module(torch.nn.Linear(2, 2))
-    assert computes_in(plugin) == expected and f"Precision: {'bf16-mixed' if flags else '32-true'} (" in caplog.text
+    said = f"Precision: {'bf16-mixed' if expected == torch.bfloat16 else '32-true'} (this CPU has {', '.join(flags)}"
+    assert computes_in(plugin) == expected and (said if flags else "Precision: 32-true (no ") in caplog.text
     assert computes_in(fit("fashion_mnist.yaml", mnist_root, run=False).trainer.precision_plugin) == torch.float32
     explicit = fit("experiment/fashion_mnist_fast.yaml", mnist_root, "--trainer.precision=32-true", run=False)
     assert computes_in(explicit.trainer.precision_plugin) == torch.float32
